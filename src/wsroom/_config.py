@@ -1,0 +1,88 @@
+"""Configuration of a hub and of its rooms, validated on construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+from ._queue import Policy
+
+__all__ = ["HubConfig", "RoomConfig"]
+
+
+def _positive(obj: object, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and value <= 0:
+            raise ValueError(f"{type(obj).__name__}.{name} must be positive, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class RoomConfig:
+    """Per-room settings.
+
+    Attributes:
+        policy: what happens when a member's outbound queue is full
+            (see [backpressure](../topics/backpressure.md)).
+    """
+
+    policy: Policy = Policy.DISCONNECT
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "policy", Policy(self.policy))
+
+
+@dataclass(frozen=True, slots=True)
+class HubConfig:
+    """Settings of a `Hub`. Every limit is on by default; times are in seconds.
+
+    Attributes:
+        ping_interval: seconds between application-level pings.
+        pong_timeout: seconds after a ping within which some frame must arrive,
+            else the connection is closed with 3012.
+        handshake_timeout: seconds from accept to a valid `hello`, else 3502.
+        idle_timeout: seconds without an application message before closing with
+            3511, or None (default) to keep idle clients.
+        max_message_bytes: largest accepted client frame in bytes, checked before
+            parsing; larger ones close the connection with 1009.
+        max_queue_bytes: bound of each client's outbound queue in bytes.
+        max_queue_messages: bound of each client's outbound queue in messages.
+        max_batch_bytes: when several frames are queued, the writer sends up to this
+            many bytes of them as one WebSocket frame (newline-separated JSON).
+        batch_frames: set to False to always send one frame per message.
+        error_budget: consecutive bad messages that close the connection with 3509.
+        inbox_size: application messages read ahead of the handlers per connection;
+            beyond it the reader waits (TCP backpressure to the client).
+        max_connections: global cap on connections of this hub (1013 beyond it), or
+            None for no cap.
+        close_timeout: seconds allowed for writing the close frame to a peer.
+        hook_timeout: seconds allowed for `on_disconnect` hooks.
+        shutdown_timeout: seconds a graceful shutdown may take in all.
+        shutdown_batch_size: connections told to reconnect (1012) per batch during a
+            graceful shutdown; batches are spread over half of `shutdown_timeout`.
+        default_room: settings of rooms that `room_config` does not match.
+    """
+
+    ping_interval: float = 30.0
+    pong_timeout: float = 10.0
+    handshake_timeout: float = 10.0
+    idle_timeout: float | None = None
+    max_message_bytes: int = 64 * 1024
+    max_queue_bytes: int = 1024 * 1024
+    max_queue_messages: int = 4096
+    max_batch_bytes: int = 64 * 1024
+    batch_frames: bool = True
+    error_budget: int = 10
+    inbox_size: int = 16
+    max_connections: int | None = None
+    close_timeout: float = 2.0
+    hook_timeout: float = 5.0
+    shutdown_timeout: float = 10.0
+    shutdown_batch_size: int = 200
+    default_room: RoomConfig = field(default_factory=RoomConfig)
+
+    def __post_init__(self) -> None:
+        _positive(self, *(f.name for f in fields(self) if f.name not in
+                          ("batch_frames", "default_room")))
+        if self.max_message_bytes > self.max_queue_bytes:
+            # Not strictly needed, but a reply as large as a request must fit.
+            raise ValueError("max_queue_bytes must be at least max_message_bytes")

@@ -1,0 +1,563 @@
+"""One client connection: a task group of reader, writer, watchdog and dispatcher.
+
+Theory of operation
+-------------------
+`Connection.run` is the whole life of one WebSocket, from the ASGI upgrade to the end;
+it never returns before everything the connection held is released.
+
+- The **writer** is the only task that sends on the socket. Everyone else (broadcasts,
+  replies, pings, close requests) changes the connection's state synchronously and
+  wakes the writer. It drains the bounded `OutboundQueue`, several frames per
+  WebSocket frame when a backlog exists, and finally writes the close frame.
+- The **reader** receives frames, checks their size before parsing, answers pongs,
+  runs the `hello` handshake, and hands application messages to the dispatcher
+  through a small bounded inbox. While that inbox is full the reader waits (TCP
+  backpressure) and the heartbeat deadline is paused: the silence is ours.
+- The **dispatcher** runs handlers one message at a time, each inside the app's
+  per-message scope; a handler that raises costs an `error` frame and a unit of the
+  error budget, never the connection's other tasks.
+- The **watchdog** enforces the handshake deadline, then drives the `Heartbeat`.
+
+Every way out funnels into two methods. `_request_close(reason)` records the first
+reason (the state machine keeps it), drops the queue unless the reason flushes, and
+wakes the writer, which sends the close frame (bounded by ``close_timeout``) and
+cancels the task group. `_finish(reason)` is for ends where nothing more can be sent
+(peer closed, socket error): it cancels the task group at once. `run`'s ``finally``
+then calls `_release` exactly once: the hub forgets the connection, its rooms drop it,
+the ``on_disconnect`` hooks run (bounded by ``hook_timeout``), one log line is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from anyio.abc import TaskGroup
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from pydantic import ValidationError
+
+from ._budget import ErrorBudget
+from ._codes import CloseCode, ErrorCode
+from ._errors import ClientError, Reject, check_close
+from ._handlers import MessageContext
+from ._heartbeat import Beat, Heartbeat
+from ._protocol import (
+    BadFrame,
+    Hello,
+    Msg,
+    Pong,
+    error_frame,
+    msg_frame,
+    parse_client_frame,
+    ping_frame,
+    reply_frame,
+    safe_errors,
+    welcome_frame,
+)
+from ._queue import OutboundQueue, Policy, PushResult, frame_size
+from ._rooms import Stream
+from ._state import CloseReason, ConnectionStateMachine, ConnState, disposition
+from ._transport import Disconnected, Handshake, Transport
+
+if TYPE_CHECKING:
+    from ._hub import Hub
+
+__all__ = ["Connection", "Identity", "INBOX"]
+
+log = logging.getLogger("wsroom.connection")
+
+INBOX = "@inbox"
+"""Name of every connection's personal stream (room names may not start with '@')."""
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who a connection belongs to, as returned by the app's `authenticate` hook.
+
+    Attributes:
+        id: a stable member id (e.g. a player id). Logged; must not be a secret.
+        info: public metadata about the member (e.g. a display name).
+    """
+
+    id: str
+    info: Mapping[str, Any] = field(default_factory=dict)
+
+
+class Connection:
+    """A client connection. Handlers reach it as ``ctx.connection``.
+
+    Attributes:
+        id: the session id, random, unique per connection.
+        identity: the member, once authenticated (None before).
+        state: a dict for the application's per-connection state.
+    """
+
+    __slots__ = (
+        "_budget", "_close_reason_text", "_close_sent", "_heartbeat", "_hub", "_inbox",
+        "_inbox_send", "_join_positions", "_peer_closed", "_queue", "_released", "_scope",
+        "_send_scope", "_sm", "_started_at", "_transport", "_wakeup", "_welcomed", "id",
+        "identity", "state",
+    )
+
+    def __init__(self, hub: Hub, transport: Transport) -> None:
+        config = hub.config
+        self._hub = hub
+        self._transport = transport
+        self.id = secrets.token_urlsafe(12)
+        self.identity: Identity | None = None
+        self.state: dict[str, Any] = {}
+        self._sm = ConnectionStateMachine()
+        self._queue = OutboundQueue(config.max_queue_bytes, config.max_queue_messages)
+        self._budget = ErrorBudget(config.error_budget)
+        self._heartbeat: Heartbeat | None = None
+        self._inbox = Stream(INBOX, self.id)
+        self._inbox_send: MemoryObjectSendStream[Msg] | None = None
+        self._wakeup: anyio.Event | None = None
+        self._welcomed = anyio.Event()
+        self._scope: anyio.CancelScope | None = None
+        self._send_scope: anyio.CancelScope | None = None
+        self._join_positions: dict[str, tuple[str, int]] = {}
+        self._close_reason_text = ""
+        self._close_sent = False
+        self._peer_closed = False
+        self._released = False
+        self._started_at = anyio.current_time()
+
+    def __repr__(self) -> str:
+        member = self.identity.id if self.identity else "-"
+        return f"<Connection {self.id} member={member} {self._sm.state.value}>"
+
+    # ----------------------------------------------------------------- public API
+
+    @property
+    def client(self) -> tuple[str, int] | None:
+        """The peer's address as the ASGI server reports it."""
+        address = self._transport.request.client
+        return (address.host, address.port) if address else None
+
+    @property
+    def open(self) -> bool:
+        """True while the connection is welcomed and not closing."""
+        return self._sm.state is ConnState.OPEN
+
+    @property
+    def rooms(self) -> frozenset[str]:
+        """Names of the rooms this connection is in."""
+        return self._hub._rooms.rooms_of(self)
+
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes waiting in this connection's outbound queue."""
+        return self._queue.bytes
+
+    @property
+    def close_code(self) -> int | None:
+        """The close code chosen for this connection, once it is closing."""
+        return self._sm.close_code
+
+    async def join(self, room: str) -> None:
+        """Join `room`: from now on, messages published to it reach this connection.
+
+        Raises:
+            ValueError: if the room name is invalid.
+        """
+        await self._hub._join(self, room)
+
+    async def leave(self, room: str) -> None:
+        """Leave `room` (no-op if not a member)."""
+        await self._hub._leave(self, room)
+
+    async def send(self, event: str, data: Any = None) -> bool:
+        """Send a message on this connection's personal stream (``@inbox``).
+
+        Returns:
+            False if the connection is closing and the message was not queued.
+        """
+        stream = self._inbox
+        frame = msg_frame(stream.name, stream.epoch, stream.offset + 1, event, data)
+        if self._push_personal(frame):
+            stream.next_offset()
+            return True
+        return False
+
+    def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
+        """Close the connection after flushing what is queued.
+
+        Args:
+            code: the close code (see `CloseCode`; apps use 4000-4999).
+            reason: a short reason for the close frame.
+        """
+        check_close(code, reason)
+        self._close_reason_text = reason
+        self._request_close(CloseReason.APP, code)
+
+    # ----------------------------------------------------------- used by the hub
+
+    def _enqueue(self, frame: str, size: int, policy: Policy, key: str | None) -> None:
+        """Queue a broadcast frame without awaiting anything (never blocks)."""
+        if self._sm.closing:
+            return
+        result = self._queue.push(frame, size=size, policy=policy, key=key)
+        if result is PushResult.OVERFLOW:
+            self._request_close(CloseReason.SLOW_CONSUMER)
+            return
+        if result is PushResult.DISCARDED:
+            self._hub._stats.discarded += self._queue.last_discarded
+        self._wake()
+
+    def _push_personal(self, frame: str) -> bool:
+        if self._sm.closing:
+            return False
+        size = frame_size(frame)
+        if size > self._queue.max_bytes:
+            log.error("%s: dropping a personal frame of %d bytes (max_queue_bytes=%d)",
+                      self._tag(), size, self._queue.max_bytes)
+            frame = error_frame(ErrorCode.INTERNAL, "reply too large")
+            size = frame_size(frame)
+        if self._queue.push(frame, size=size) is PushResult.OVERFLOW:
+            self._request_close(CloseReason.SLOW_CONSUMER)
+            return False
+        self._wake()
+        return True
+
+    def _wake(self) -> None:
+        wakeup = self._wakeup
+        if wakeup is not None:
+            wakeup.set()
+
+    def _tag(self) -> str:
+        member = self.identity.id if self.identity else "-"
+        return f"conn={self.id} member={member}"
+
+    def _request_close(self, reason: CloseReason, code: int | None = None) -> None:
+        """Ask the writer to close the connection (first request wins)."""
+        if not self._sm.close(reason, code):
+            return
+        if not self._sm.flush:
+            self._queue.clear()
+            if self._send_scope is not None:
+                # The writer may be stuck sending to a peer that does not read.
+                self._send_scope.cancel()
+        log.log(
+            disposition(reason).log_level,
+            "%s: closing, reason=%s code=%s", self._tag(), reason, self._sm.close_code,
+        )
+        self._wake()
+
+    def _finish(self, reason: CloseReason) -> None:
+        """End now: nothing more can be sent (the peer is gone or the socket failed)."""
+        self._sm.finish(reason)
+        if self._scope is not None:
+            self._scope.cancel()
+
+    def _abort(self) -> None:
+        """Cancel the connection's tasks (used after the shutdown deadline)."""
+        self._request_close(CloseReason.SHUTDOWN)
+        if self._scope is not None:
+            self._scope.cancel()
+
+    # -------------------------------------------------------------------- running
+
+    async def run(self) -> None:
+        """Serve the connection until it ends, then release everything it held."""
+        hub = self._hub
+        rejection = hub._admit(self)
+        try:
+            if not await self._transport.accept():
+                self._peer_closed = True
+                self._sm.finish(CloseReason.CLIENT_CLOSED)
+                return
+            self._sm.accept()
+            if rejection is not None:
+                self._request_close(rejection)
+            send, receive = anyio.create_memory_object_stream[Msg](hub.config.inbox_size)
+            with send, receive:
+                self._inbox_send = send
+                async with anyio.create_task_group() as tg:
+                    self._scope = tg.cancel_scope
+                    tg.start_soon(self._writer, name=f"wsroom writer {self.id}")
+                    if rejection is None:
+                        self._start(tg, receive)
+        except anyio.get_cancelled_exc_class():
+            self._request_close(CloseReason.CANCELLED)
+            raise
+        except BaseException:
+            self._request_close(CloseReason.INTERNAL_ERROR)
+            raise
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._release()
+
+    def _start(self, tg: TaskGroup, inbox: MemoryObjectReceiveStream[Msg]) -> None:
+        tg.start_soon(self._reader, name=f"wsroom reader {self.id}")
+        tg.start_soon(self._watchdog, name=f"wsroom watchdog {self.id}")
+        tg.start_soon(self._dispatcher, inbox, name=f"wsroom dispatcher {self.id}")
+
+    async def _writer(self) -> None:
+        queue = self._queue
+        transport = self._transport
+        config = self._hub.config
+        batch_bytes = config.max_batch_bytes if config.batch_frames else 0
+        stats = self._hub._stats
+        while True:
+            sm = self._sm
+            ready = self._welcomed.is_set() and (not sm.closing or sm.flush)
+            if not ready or not queue:
+                if sm.closing:
+                    break
+                self._wakeup = anyio.Event()
+                await self._wakeup.wait()
+                self._wakeup = None
+                continue
+            frames = queue.pop_batch(batch_bytes)
+            payload = frames[0] if len(frames) == 1 else "\n".join(frames)
+            with anyio.CancelScope() as scope:
+                self._send_scope = scope
+                try:
+                    await transport.send(payload)
+                except Exception as exc:
+                    log.warning("%s: send failed: %s", self._tag(), type(exc).__name__)
+                    self._finish(CloseReason.SEND_FAILED)
+                    return
+                finally:
+                    self._send_scope = None
+            stats.frames_out += 1
+            stats.messages_out += len(frames)
+        await self._send_close()
+        self._finish(self._sm.reason or CloseReason.APP)
+
+    async def _send_close(self) -> None:
+        code = self._sm.close_code
+        if code is None or self._peer_closed or self._close_sent:
+            return
+        self._close_sent = True  # attempted: never twice
+        with anyio.move_on_after(self._hub.config.close_timeout):
+            try:
+                await self._transport.close(code, self._close_reason_text)
+            except Exception as exc:
+                log.debug("%s: close frame not sent: %s", self._tag(), type(exc).__name__)
+
+    async def _reader(self) -> None:
+        transport = self._transport
+        limit = self._hub.config.max_message_bytes
+        stats = self._hub._stats
+        while True:
+            try:
+                message = await transport.receive()
+            except Exception as exc:
+                log.warning("%s: receive failed: %s", self._tag(), type(exc).__name__)
+                self._finish(CloseReason.RECEIVE_FAILED)
+                return
+            if isinstance(message, Disconnected):
+                self._peer_closed = True
+                log.debug("%s: peer closed with %d", self._tag(), message.code)
+                self._finish(CloseReason.CLIENT_CLOSED)
+                return
+            heartbeat = self._heartbeat
+            if heartbeat is not None:
+                heartbeat.frame_received()
+            if self._sm.closing:
+                continue  # read on until the peer answers our close
+            stats.messages_in += 1
+            # Size first, before any parsing (len() of a str counts characters, and
+            # UTF-8 takes at least one byte per character).
+            if len(message) > limit or (
+                isinstance(message, str) and 4 * len(message) > limit
+                and len(message.encode()) > limit
+            ):
+                self._request_close(CloseReason.MESSAGE_TOO_BIG)
+                continue
+            if isinstance(message, bytes):
+                self._bad(ErrorCode.BAD_FRAME, "binary frames are not accepted", None)
+                continue
+            try:
+                frame = parse_client_frame(message)
+            except BadFrame as exc:
+                if self._sm.state is ConnState.HANDSHAKING:
+                    self._request_close(CloseReason.BAD_HANDSHAKE)
+                else:
+                    self._bad(exc.code, exc.detail, exc.ref)
+                continue
+            if self._sm.state is ConnState.HANDSHAKING:
+                if isinstance(frame, Hello):
+                    await self._handshake(frame)
+                else:
+                    self._request_close(CloseReason.BAD_HANDSHAKE)
+                continue
+            if isinstance(frame, Pong):
+                if heartbeat is not None:
+                    heartbeat.pong_received(frame.id, anyio.current_time())
+            elif isinstance(frame, Msg):
+                await self._to_dispatcher(frame)
+            else:
+                self._bad(ErrorCode.BAD_FRAME, "hello was already received", None)
+
+    async def _to_dispatcher(self, frame: Msg) -> None:
+        heartbeat = self._heartbeat
+        assert heartbeat is not None
+        assert self._inbox_send is not None
+        heartbeat.message_received(anyio.current_time())
+        try:
+            self._inbox_send.send_nowait(frame)
+        except anyio.WouldBlock:
+            heartbeat.pause()
+            try:
+                await self._inbox_send.send(frame)
+            finally:
+                heartbeat.resume(anyio.current_time())
+
+    def _bad(self, code: ErrorCode | str, detail: str, ref: str | int | None) -> None:
+        """Answer a bad message with an error frame and charge the error budget."""
+        self._push_personal(error_frame(str(code), detail, ref))
+        if self._budget.failure():
+            self._request_close(CloseReason.ERROR_BUDGET)
+
+    async def _handshake(self, hello: Hello) -> None:
+        hub = self._hub
+        try:
+            identity = await hub._authenticate(Handshake(self._transport.request, hello.auth))
+        except Reject as exc:
+            self._close_reason_text = exc.reason
+            self._request_close(CloseReason.APP, exc.code)
+            return
+        except Exception:
+            log.exception("%s: authenticate raised", self._tag())
+            self._request_close(CloseReason.INTERNAL_ERROR)
+            return
+        if identity is None:
+            self._request_close(CloseReason.AUTH_FAILED)
+            return
+        if self._sm.closing:
+            return
+        self.identity = identity
+        self._sm.welcome()
+        self._heartbeat = Heartbeat(
+            ping_interval=hub.config.ping_interval,
+            pong_timeout=hub.config.pong_timeout,
+            idle_timeout=hub.config.idle_timeout,
+            now=anyio.current_time(),
+        )
+        try:
+            await hub._on_connect(self)
+        except Reject as exc:
+            self._close_reason_text = exc.reason
+            self._request_close(CloseReason.APP, exc.code)
+        except Exception:
+            log.exception("%s: on_connect hook raised", self._tag())
+            self._request_close(CloseReason.INTERNAL_ERROR)
+        streams = {INBOX: {"epoch": self._inbox.epoch, "offset": self._inbox.offset,
+                           "recovered": False}}
+        for name in sorted(self.rooms):
+            # Frames published since the join wait behind the welcome: report the
+            # position at the join.
+            epoch, offset = self._join_positions[name]
+            streams[name] = {"epoch": epoch, "offset": offset, "recovered": False}
+        self._join_positions.clear()
+        self._queue.push_control(
+            welcome_frame(
+                session=self.id, resume=None, ping_interval=hub.config.ping_interval,
+                pong_timeout=hub.config.pong_timeout, streams=streams,
+            ),
+            front=True,
+        )
+        log.info("%s: welcomed, rooms=%d", self._tag(), len(streams) - 1)
+        self._welcomed.set()
+        self._wake()
+
+    async def _watchdog(self) -> None:
+        with anyio.move_on_after(self._hub.config.handshake_timeout):
+            await self._welcomed.wait()
+        if not self._welcomed.is_set():
+            self._request_close(CloseReason.HANDSHAKE_TIMEOUT)
+            return
+        heartbeat = self._heartbeat
+        assert heartbeat is not None
+        while not self._sm.closing:
+            tick = heartbeat.poll(anyio.current_time())
+            if tick.beat is Beat.PING:
+                self._queue.push_control(ping_frame(tick.ping_id))
+                self._wake()
+            elif tick.beat is Beat.NO_PONG:
+                self._request_close(CloseReason.NO_PONG)
+                return
+            elif tick.beat is Beat.IDLE:
+                self._request_close(CloseReason.IDLE_TIMEOUT)
+                return
+            await anyio.sleep_until(tick.wake_at)
+
+    async def _dispatcher(self, inbox: MemoryObjectReceiveStream[Msg]) -> None:
+        async for frame in inbox:
+            if self._sm.closing:
+                return
+            await self._dispatch(frame)
+
+    async def _dispatch(self, frame: Msg) -> None:
+        hub = self._hub
+        route = hub._handlers.get(frame.event)
+        if route is None:
+            self._bad(ErrorCode.UNKNOWN_EVENT, f"no handler for event {frame.event!r}",
+                      frame.ref)
+            return
+        data = frame.data
+        if route.adapter is not None:
+            try:
+                data = route.adapter.validate_python(data)
+            except ValidationError as exc:
+                self._bad(ErrorCode.INVALID_DATA, safe_errors(exc), frame.ref)
+                return
+        ctx = MessageContext(hub, self, frame.event, frame.ref)
+        try:
+            scope_factory = hub._message_scope
+            if scope_factory is None:
+                result = await route.handler(ctx, data)
+            else:
+                async with scope_factory(ctx) as ctx.scope:
+                    result = await route.handler(ctx, data)
+        except ClientError as exc:
+            self._push_personal(error_frame(exc.code, exc.detail, frame.ref))
+            return
+        except Reject as exc:
+            self._close_reason_text = exc.reason
+            self._request_close(CloseReason.APP, exc.code)
+            return
+        except Exception:
+            hub._stats.handler_errors += 1
+            log.exception("%s: handler for event %r raised", self._tag(), frame.event)
+            self._bad(ErrorCode.INTERNAL, "internal error", frame.ref)
+            return
+        self._budget.success()
+        if frame.ref is not None:
+            self._push_personal(reply_frame(frame.ref, result))
+
+    async def _release(self) -> None:
+        """Release everything the connection holds. Runs exactly once."""
+        if self._released:
+            return
+        self._released = True
+        sm = self._sm
+        if not self._peer_closed and not self._close_sent and sm.state is not ConnState.CONNECTING:
+            # Ended by cancellation or a crash before the writer could close it.
+            if sm.close_code is None and sm.reason is None:
+                sm.close(CloseReason.INTERNAL_ERROR)
+            await self._send_close()
+        reason = sm.reason or CloseReason.CLIENT_CLOSED
+        sm.finish(reason)
+        self._queue.clear()
+        rooms = self._hub._detach(self, reason)
+        level = disposition(reason).log_level
+        log.log(
+            level, "%s: closed, reason=%s code=%s rooms=%d after=%.1fs", self._tag(), reason,
+            sm.close_code, len(rooms), anyio.current_time() - self._started_at,
+        )
+        if self.identity is not None:
+            with anyio.move_on_after(self._hub.config.hook_timeout) as scope:
+                try:
+                    await self._hub._on_disconnect(self)
+                except Exception:
+                    log.exception("%s: on_disconnect hook raised", self._tag())
+            if scope.cancelled_caught:
+                log.error("%s: on_disconnect hook exceeded hook_timeout", self._tag())

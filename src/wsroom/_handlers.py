@@ -1,0 +1,124 @@
+"""Event handlers: registration, payload validation and the per-message context."""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pydantic import TypeAdapter
+
+if TYPE_CHECKING:
+    from ._connection import Connection
+    from ._hub import Hub
+
+__all__ = ["Handler", "Handlers", "MessageContext", "MessageScope", "Route"]
+
+
+class MessageContext:
+    """What a handler knows about the message it handles.
+
+    Attributes:
+        hub: the hub.
+        connection: the connection the message came from.
+        event: the event name.
+        ref: the client's request reference, if it expects a reply.
+        scope: the value yielded by the hub's `message_scope` for this message
+            (e.g. a database session), or None.
+    """
+
+    __slots__ = ("connection", "event", "hub", "ref", "scope")
+
+    def __init__(
+        self, hub: Hub, connection: Connection, event: str, ref: str | int | None
+    ) -> None:
+        self.hub = hub
+        self.connection = connection
+        self.event = event
+        self.ref = ref
+        self.scope: Any = None
+
+    async def publish(
+        self,
+        room: str,
+        event: str,
+        data: Any = None,
+        *,
+        key: str | None = None,
+        exclude_self: bool = False,
+    ) -> int | None:
+        """Publish to `room`; shorthand for `Hub.publish`."""
+        return await self.hub.publish(
+            room, event, data, key=key, exclude=self.connection if exclude_self else None
+        )
+
+
+Handler = Callable[[MessageContext, Any], Awaitable[Any]]
+MessageScope = Callable[[MessageContext], AbstractAsyncContextManager[Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A registered handler and the validator of its payload."""
+
+    event: str
+    handler: Handler
+    adapter: TypeAdapter[Any] | None
+
+
+def _payload_type(handler: Handler) -> Any:
+    """The annotation of the handler's second parameter (the payload), if any."""
+    params = list(inspect.signature(handler).parameters.values())
+    if len(params) != 2:
+        raise TypeError(
+            f"handler {handler.__qualname__} must take two parameters (ctx, data), "
+            f"it takes {len(params)}"
+        )
+    try:
+        hints = typing.get_type_hints(handler)
+    except Exception as exc:  # unresolvable forward references
+        raise TypeError(
+            f"cannot resolve the annotations of handler {handler.__qualname__}: {exc}; "
+            "pass the payload type explicitly with model="
+        ) from exc
+    return hints.get(params[1].name, Any)
+
+
+class Handlers:
+    """Handlers registered per event name."""
+
+    __slots__ = ("_routes",)
+
+    def __init__(self) -> None:
+        self._routes: dict[str, Route] = {}
+
+    def add(self, event: str, handler: Handler, model: Any = None) -> None:
+        """Register `handler` for `event`.
+
+        The payload is validated against `model`, or else against the annotation of
+        the handler's second parameter; without either it is passed as parsed JSON.
+
+        Raises:
+            ValueError: if `event` is empty or already has a handler.
+            TypeError: if `handler` is not an async function of two parameters.
+        """
+        if not event or len(event) > 128:
+            raise ValueError("an event name is 1 to 128 characters")
+        if event in self._routes:
+            raise ValueError(f"event {event!r} already has a handler")
+        if not inspect.iscoroutinefunction(handler):
+            raise TypeError(f"handler for {event!r} must be an async function")
+        payload = _payload_type(handler) if model is None else model
+        adapter = None if payload is Any else TypeAdapter(payload)
+        self._routes[event] = Route(event, handler, adapter)
+
+    def get(self, event: str) -> Route | None:
+        """Return the route of `event`, if any."""
+        return self._routes.get(event)
+
+    def events(self) -> list[str]:
+        """Registered event names."""
+        return list(self._routes)

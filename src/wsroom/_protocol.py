@@ -1,0 +1,147 @@
+"""Wire contract v1: parsing client frames and encoding server frames.
+
+Client frames are validated by pydantic at the boundary; the rest of the library sees
+frozen models. Server frames are encoded once (``pydantic_core.to_json``, compact,
+UTF-8) and the resulting ``str`` is shared by every recipient.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic_core import to_json
+
+from ._codes import ErrorCode
+
+__all__ = [
+    "BadFrame", "ClientFrame", "Hello", "Msg", "Pong", "StreamPosition", "encode",
+    "error_frame", "msg_frame", "parse_client_frame", "ping_frame", "reply_frame",
+    "safe_errors", "welcome_frame",
+]
+
+PROTOCOL_VERSION = 1
+
+Ref = Annotated[str, Field(max_length=64)] | int
+
+
+class _Frame(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+
+class StreamPosition(_Frame):
+    """The last ``(epoch, offset)`` a client saw on a stream."""
+
+    epoch: Annotated[str, Field(max_length=64)]
+    offset: Annotated[int, Field(ge=0)]
+
+
+class Hello(_Frame):
+    """First client frame: protocol version, optional auth and resume state."""
+
+    type: Literal["hello"]
+    v: Literal[1]
+    auth: Any = None
+    resume: Annotated[str, Field(max_length=1024)] | None = None
+    streams: Annotated[dict[str, StreamPosition], Field(max_length=256)] = {}
+
+
+class Pong(_Frame):
+    """Answer to a server ``ping``."""
+
+    type: Literal["pong"]
+    id: int
+
+
+class Msg(_Frame):
+    """An application event, optionally expecting a ``reply`` by ``ref``."""
+
+    type: Literal["msg"]
+    event: Annotated[str, Field(min_length=1, max_length=128)]
+    data: Any = None
+    ref: Ref | None = None
+
+
+ClientFrame = Annotated[Hello | Pong | Msg, Field(discriminator="type")]
+_client_frame: TypeAdapter[Hello | Pong | Msg] = TypeAdapter(ClientFrame)
+
+
+class BadFrame(Exception):
+    """A client frame that is not valid JSON or not a frame of the contract."""
+
+    def __init__(self, code: ErrorCode, detail: str, ref: str | int | None = None) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+        self.ref = ref
+
+
+def safe_errors(exc: ValidationError, limit: int = 3) -> str:
+    """Describe validation errors without echoing any input (it may hold secrets)."""
+    parts = []
+    for error in exc.errors(include_url=False, include_input=False, include_context=False)[
+        :limit
+    ]:
+        loc = ".".join(str(part) for part in error["loc"]) or "frame"
+        parts.append(f"{loc}: {error['msg']}")
+    return "; ".join(parts)
+
+
+def parse_client_frame(text: str | bytes) -> Hello | Pong | Msg:
+    """Parse and validate one client frame.
+
+    Raises:
+        BadFrame: with `ErrorCode.BAD_JSON` or `ErrorCode.BAD_FRAME`.
+    """
+    try:
+        return _client_frame.validate_json(text)
+    except ValidationError as exc:
+        if any(error["type"] == "json_invalid" for error in exc.errors()):
+            raise BadFrame(ErrorCode.BAD_JSON, "frame is not valid JSON") from None
+        raise BadFrame(ErrorCode.BAD_FRAME, safe_errors(exc)) from None
+
+
+def encode(frame: dict[str, Any]) -> str:
+    """Encode a server frame as compact JSON text (one line, never a raw newline)."""
+    return to_json(frame).decode()
+
+
+def msg_frame(stream: str, epoch: str, offset: int, event: str, data: Any) -> str:
+    """Encode a ``msg`` frame."""
+    return encode(
+        {"type": "msg", "stream": stream, "epoch": epoch, "offset": offset,
+         "event": event, "data": data}
+    )
+
+
+def ping_frame(ping_id: int) -> str:
+    """Encode a ``ping`` frame."""
+    return f'{{"type":"ping","id":{ping_id}}}'
+
+
+def reply_frame(ref: str | int, data: Any) -> str:
+    """Encode a ``reply`` frame."""
+    return encode({"type": "reply", "ref": ref, "data": data})
+
+
+def error_frame(code: str, detail: str, ref: str | int | None = None) -> str:
+    """Encode an ``error`` frame."""
+    frame: dict[str, Any] = {"type": "error", "code": code, "detail": detail}
+    if ref is not None:
+        frame["ref"] = ref
+    return encode(frame)
+
+
+def welcome_frame(
+    *,
+    session: str,
+    resume: str | None,
+    ping_interval: float,
+    pong_timeout: float,
+    streams: dict[str, dict[str, Any]],
+) -> str:
+    """Encode a ``welcome`` frame."""
+    return encode(
+        {"type": "welcome", "v": PROTOCOL_VERSION, "session": session, "resume": resume,
+         "ping_interval": ping_interval, "pong_timeout": pong_timeout, "streams": streams}
+    )

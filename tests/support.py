@@ -1,0 +1,253 @@
+"""Test support: real servers (uvicorn on asyncio, hypercorn on trio), a protocol-aware
+test client over real sockets, and an in-memory transport for virtual-clock tests."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from functools import partial
+from typing import Any
+
+import anyio
+from starlette.applications import Starlette
+from starlette.requests import HTTPConnection
+from starlette.routing import WebSocketRoute
+from starlette.types import ASGIApp
+
+from wsroom import Hub
+from wsroom._transport import Disconnected
+from wsroom._wsclient import ConnectionClosed, WebSocket, connect
+
+
+def hub_app(hub: Hub, path: str = "/ws") -> Starlette:
+    """The smallest app a user would write: one WebSocket route and the lifespan."""
+    return Starlette(routes=[WebSocketRoute(path, hub.endpoint)], lifespan=hub.lifespan)
+
+
+def current_backend() -> str:
+    try:
+        import asyncio
+
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return "trio"
+    return "asyncio"
+
+
+@asynccontextmanager
+async def serve(app: ASGIApp) -> AsyncIterator[str]:
+    """Run `app` on a real server on 127.0.0.1; yield its ``ws://`` base URL.
+
+    asyncio runs uvicorn (websockets sans-I/O protocol), trio runs hypercorn.
+    """
+    if current_backend() == "asyncio":
+        async with _serve_uvicorn(app) as url:
+            yield url
+    else:
+        async with _serve_hypercorn(app) as url:
+            yield url
+
+
+@asynccontextmanager
+async def _serve_uvicorn(app: ASGIApp) -> AsyncIterator[str]:
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app, lifespan="on", log_level="warning", ws="websockets-sansio",
+                            timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(server.serve, [sock])
+        with anyio.fail_after(10):
+            while not server.started:
+                await anyio.sleep(0.01)
+        try:
+            yield f"ws://127.0.0.1:{port}"
+        finally:
+            server.should_exit = True
+    sock.close()
+
+
+@asynccontextmanager
+async def _serve_hypercorn(app: ASGIApp) -> AsyncIterator[str]:
+    from hypercorn.config import Config
+    from hypercorn.trio import serve as hypercorn_serve
+
+    config = Config()
+    config.bind = ["127.0.0.1:0"]
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.accesslog = None
+    config.graceful_timeout = 5
+    stop = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        binds = await tg.start(
+            partial(hypercorn_serve, app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+        )
+        try:
+            yield binds[0].replace("http://", "ws://")
+        finally:
+            stop.set()
+
+
+class Player:
+    """A wsroom protocol client over a real WebSocket: hello, automatic pongs, batch
+    unpacking. Frames are dicts; ``msgs`` collects every ``msg`` frame seen."""
+
+    def __init__(self, ws: WebSocket, *, answer_pings: bool = True) -> None:
+        self.ws = ws
+        self.answer_pings = answer_pings
+        self.pending: list[dict[str, Any]] = []
+        self.msgs: list[dict[str, Any]] = []
+        self.frames_received = 0
+        self.welcome: dict[str, Any] | None = None
+
+    @classmethod
+    @asynccontextmanager
+    async def connect(
+        cls, url: str, *, hello: bool = True, auth: Any = None, answer_pings: bool = True,
+        **kwargs: Any,
+    ) -> AsyncIterator[Player]:
+        ws = await connect(url, **kwargs)
+        player = cls(ws, answer_pings=answer_pings)
+        try:
+            if hello:
+                await player.hello(auth)
+            yield player
+        finally:
+            if ws.closed is None:
+                with anyio.move_on_after(5, shield=True):
+                    await ws.close()
+
+    async def hello(self, auth: Any = None) -> dict[str, Any]:
+        frame: dict[str, Any] = {"type": "hello", "v": 1}
+        if auth is not None:
+            frame["auth"] = auth
+        await self.ws.send(json.dumps(frame))
+        self.welcome = await self.expect("welcome")
+        return self.welcome
+
+    async def frame(self) -> dict[str, Any]:
+        """The next frame other than ``ping`` (pings are answered if enabled)."""
+        while True:
+            while self.pending:
+                frame = self.pending.pop(0)
+                if frame["type"] == "ping":
+                    if self.answer_pings:
+                        await self.ws.send(json.dumps({"type": "pong", "id": frame["id"]}))
+                    continue
+                if frame["type"] == "msg":
+                    self.msgs.append(frame)
+                return frame
+            raw = await self.ws.recv()
+            self.frames_received += 1
+            assert isinstance(raw, str), "the server sends text frames only"
+            self.pending.extend(json.loads(line) for line in raw.split("\n"))
+
+    async def expect(self, kind: str) -> dict[str, Any]:
+        frame = await self.frame()
+        assert frame["type"] == kind, f"expected {kind}, got {frame}"
+        return frame
+
+    async def send(self, event: str, data: Any = None, ref: Any = None) -> None:
+        frame: dict[str, Any] = {"type": "msg", "event": event, "data": data}
+        if ref is not None:
+            frame["ref"] = ref
+        await self.ws.send(json.dumps(frame))
+
+    async def request(self, event: str, data: Any = None, ref: str = "r1") -> dict[str, Any]:
+        await self.send(event, data, ref)
+        while True:
+            frame = await self.frame()
+            if frame["type"] in ("reply", "error") and frame.get("ref") == ref:
+                return frame
+
+    async def until_closed(self, timeout: float = 10) -> int:
+        """Read (answering pings) until the server closes; return the close code."""
+        with anyio.fail_after(timeout):
+            try:
+                while True:
+                    await self.frame()
+            except ConnectionClosed as closed:
+                return closed.code
+
+    async def collect(self, count: int, timeout: float = 30) -> list[dict[str, Any]]:
+        """Read until `count` msg frames have been seen in all."""
+        with anyio.fail_after(timeout):
+            while len(self.msgs) < count:
+                await self.frame()
+        return self.msgs
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float = 10) -> None:
+    """Wait until `predicate()` holds, checking after every scheduling round."""
+    with anyio.fail_after(timeout):
+        while not predicate():
+            await anyio.sleep(0.005)
+
+
+class MemoryTransport:
+    """An in-memory `Transport` for runtime tests under a virtual clock."""
+
+    def __init__(self, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+        self.request = HTTPConnection({
+            "type": "websocket", "path": "/ws", "headers": headers or [],
+            "client": ("127.0.0.1", 50000), "query_string": b"",
+        })
+        self._to_server_send, self._to_server = anyio.create_memory_object_stream[
+            "str | bytes | Disconnected"
+        ](1000)
+        self._to_client, self.from_server = anyio.create_memory_object_stream[
+            "str | Disconnected"
+        ](100_000)
+        self.accepted = False
+        self.close_code: int | None = None
+        self.sent: list[str] = []
+
+    async def accept(self) -> bool:
+        self.accepted = True
+        return True
+
+    async def receive(self) -> str | bytes | Disconnected:
+        return await self._to_server.receive()
+
+    async def send(self, text: str) -> None:
+        assert self.close_code is None, "send after close"
+        self.sent.append(text)
+        await self._to_client.send(text)
+
+    async def close(self, code: int, reason: str = "") -> None:
+        assert self.close_code is None, "closed twice"
+        self.close_code = code
+        await self._to_client.send(Disconnected(code))
+
+    # client side
+    async def client_send(self, frame: dict[str, Any] | str | bytes) -> None:
+        data = json.dumps(frame) if isinstance(frame, dict) else frame
+        await self._to_server_send.send(data)
+
+    async def client_disconnect(self, code: int = 1000) -> None:
+        await self._to_server_send.send(Disconnected(code))
+
+    async def client_frames(self) -> list[dict[str, Any]]:
+        """Everything sent to the client so far (unpacked), without waiting."""
+        frames = []
+        while True:
+            try:
+                item = self.from_server.receive_nowait()
+            except anyio.WouldBlock:
+                return frames
+            if isinstance(item, Disconnected):
+                frames.append({"type": "close", "code": item.code})
+            else:
+                frames.extend(json.loads(line) for line in item.split("\n"))
+
+    def close_streams(self) -> None:
+        for stream in (self._to_server_send, self._to_server, self._to_client,
+                       self.from_server):
+            stream.close()
