@@ -104,6 +104,7 @@ class Player:
         self.answer_pings = answer_pings
         self.pending: list[dict[str, Any]] = []
         self.msgs: list[dict[str, Any]] = []
+        self.seen: list[dict[str, Any]] = []
         self.frames_received = 0
         self.welcome: dict[str, Any] | None = None
 
@@ -143,6 +144,7 @@ class Player:
                     continue
                 if frame["type"] == "msg":
                     self.msgs.append(frame)
+                self.seen.append(frame)
                 return frame
             raw = await self.ws.recv()
             self.frames_received += 1
@@ -175,6 +177,19 @@ class Player:
                     await self.frame()
             except ConnectionClosed as closed:
                 return closed.code
+
+    @asynccontextmanager
+    async def reading(self) -> AsyncIterator[None]:
+        """Keep reading (and answering pings) in the background while inside."""
+        async with anyio.create_task_group() as tg:
+            async def pump() -> None:
+                with anyio.move_on_after(3600):
+                    while True:
+                        await self.frame()
+
+            tg.start_soon(pump)
+            yield
+            tg.cancel_scope.cancel()
 
     async def collect(self, count: int, timeout: float = 30) -> list[dict[str, Any]]:
         """Read until `count` msg frames have been seen in all."""

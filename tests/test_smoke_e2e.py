@@ -2,9 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from wsroom import Connection, Hub, HubConfig, MessageContext
-
 from support import Player, hub_app, serve
+from wsroom import Connection, Hub, HubConfig, MessageContext
 
 pytestmark = pytest.mark.anyio
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -197,7 +197,7 @@ class Connection:
 
     # ----------------------------------------------------------- used by the hub
 
-    def _enqueue(self, frame: str, size: int, policy: Policy, key: str | None) -> None:
+    def _enqueue(self, frame: str, size: int, policy: Policy, key: Hashable | None) -> None:
         """Queue a broadcast frame without awaiting anything (never blocks)."""
         if self._sm.closing:
             return
@@ -293,7 +293,7 @@ class Connection:
                 await self._release()
 
     def _start(self, tg: TaskGroup, inbox: MemoryObjectReceiveStream[Msg]) -> None:
-        tg.start_soon(self._reader, name=f"wsroom reader {self.id}")
+        tg.start_soon(self._reader, tg, name=f"wsroom reader {self.id}")
         tg.start_soon(self._watchdog, name=f"wsroom watchdog {self.id}")
         tg.start_soon(self._dispatcher, inbox, name=f"wsroom dispatcher {self.id}")
 
@@ -303,12 +303,16 @@ class Connection:
         config = self._hub.config
         batch_bytes = config.max_batch_bytes if config.batch_frames else 0
         stats = self._hub._stats
+        sm = self._sm
         while True:
-            sm = self._sm
-            ready = self._welcomed.is_set() and (not sm.closing or sm.flush)
-            if not ready or not queue:
-                if sm.closing:
-                    break
+            state = sm.state
+            if state is ConnState.CLOSED:
+                return  # the peer is gone: nothing may be sent any more
+            if queue and self._welcomed.is_set() and (state is ConnState.OPEN or sm.flush):
+                pass  # send a batch below
+            elif sm.closing:
+                break
+            else:
                 self._wakeup = anyio.Event()
                 await self._wakeup.wait()
                 self._wakeup = None
@@ -341,7 +345,8 @@ class Connection:
             except Exception as exc:
                 log.debug("%s: close frame not sent: %s", self._tag(), type(exc).__name__)
 
-    async def _reader(self) -> None:
+    async def _reader(self, tg: TaskGroup) -> None:
+        handshake: Hello | None = None
         transport = self._transport
         limit = self._hub.config.max_message_bytes
         stats = self._hub._stats
@@ -374,21 +379,24 @@ class Connection:
             if isinstance(message, bytes):
                 self._bad(ErrorCode.BAD_FRAME, "binary frames are not accepted", None)
                 continue
+            first = handshake is None
             try:
                 frame = parse_client_frame(message)
             except BadFrame as exc:
-                if self._sm.state is ConnState.HANDSHAKING:
+                if first:
                     self._request_close(CloseReason.BAD_HANDSHAKE)
                 else:
                     self._bad(exc.code, exc.detail, exc.ref)
                 continue
-            if self._sm.state is ConnState.HANDSHAKING:
-                if isinstance(frame, Hello):
-                    await self._handshake(frame)
-                else:
+            if first:
+                if not isinstance(frame, Hello):
                     self._request_close(CloseReason.BAD_HANDSHAKE)
-                continue
-            if isinstance(frame, Pong):
+                    continue
+                # Authenticate beside the reader, which keeps watching the socket: a
+                # client that vanishes mid-authentication is released at once.
+                handshake = frame
+                tg.start_soon(self._handshake, frame, name=f"wsroom handshake {self.id}")
+            elif isinstance(frame, Pong):
                 if heartbeat is not None:
                     heartbeat.pong_received(frame.id, anyio.current_time())
             elif isinstance(frame, Msg):
@@ -398,17 +406,19 @@ class Connection:
 
     async def _to_dispatcher(self, frame: Msg) -> None:
         heartbeat = self._heartbeat
-        assert heartbeat is not None
         assert self._inbox_send is not None
-        heartbeat.message_received(anyio.current_time())
+        if heartbeat is not None:
+            heartbeat.message_received(anyio.current_time())
         try:
             self._inbox_send.send_nowait(frame)
         except anyio.WouldBlock:
-            heartbeat.pause()
+            if heartbeat is not None:
+                heartbeat.pause()
             try:
                 await self._inbox_send.send(frame)
             finally:
-                heartbeat.resume(anyio.current_time())
+                if heartbeat is not None:
+                    heartbeat.resume(anyio.current_time())
 
     def _bad(self, code: ErrorCode | str, detail: str, ref: str | int | None) -> None:
         """Answer a bad message with an error frame and charge the error budget."""
@@ -490,6 +500,7 @@ class Connection:
             await anyio.sleep_until(tick.wake_at)
 
     async def _dispatcher(self, inbox: MemoryObjectReceiveStream[Msg]) -> None:
+        await self._welcomed.wait()  # messages sent before the welcome wait for it
         async for frame in inbox:
             if self._sm.closing:
                 return

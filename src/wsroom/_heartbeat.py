@@ -101,10 +101,16 @@ class Heartbeat:
         self._paused = True
 
     def resume(self, now: float) -> None:
-        """The reader runs again: any open deadline restarts from `now`."""
+        """The reader runs again: open deadlines restart from `now`.
+
+        The idle deadline restarts too: a reader blocked behind a full inbox means the
+        client was busy sending, not idle.
+        """
         self._paused = False
         if self._deadline is not None:
             self._deadline = now + self.pong_timeout
+        if self.idle_timeout is not None:
+            self._idle_deadline = max(self._idle_deadline, now + self.idle_timeout)
 
     def poll(self, now: float) -> Tick:
         """Advance to `now` and tell what to do."""
@@ -121,7 +127,9 @@ class Heartbeat:
             if self._deadline is None:
                 self._deadline = now + self.pong_timeout
             beat = Beat.PING
-        wake_at = min(self._next_ping, self._idle_deadline)
-        if self._deadline is not None and not self._paused:
-            wake_at = min(wake_at, self._deadline)
+        wake_at = self._next_ping
+        if not self._paused:  # while paused, only pings are due
+            wake_at = min(wake_at, self._idle_deadline)
+            if self._deadline is not None:
+                wake_at = min(wake_at, self._deadline)
         return Tick(beat, wake_at, self._ping_id)

@@ -262,9 +262,10 @@ class Hub:
             )
         offset = stream.next_offset()
         policy = target.config.policy
+        scoped = None if key is None else (room, key)  # rooms never coalesce each other
         for member in target.members:
             if member is not exclude:
-                member._enqueue(frame, size, policy, key)
+                member._enqueue(frame, size, policy, scoped)
         # Let writers run: a publisher in a tight loop must not starve them.
         await anyio.lowlevel.checkpoint()
         return offset

@@ -76,14 +76,32 @@ class BadFrame(Exception):
         self.ref = ref
 
 
+# Messages of these error types quote the input; say what was expected instead.
+_FIXED_MESSAGES = {
+    "union_tag_invalid": "unknown frame type (expected hello, pong or msg)",
+    "union_tag_not_found": "missing frame type",
+}
+# Fields whose next location part is a client-chosen dict key, never to be echoed.
+_KEYED_FIELDS = frozenset({"streams"})
+
+
+def _location(loc: tuple[int | str, ...]) -> str:
+    parts: list[str] = []
+    masked = False
+    for part in loc:
+        parts.append("<key>" if masked else str(part))
+        masked = part in _KEYED_FIELDS and not masked
+    return ".".join(parts) or "frame"
+
+
 def safe_errors(exc: ValidationError, limit: int = 3) -> str:
     """Describe validation errors without echoing any input (it may hold secrets)."""
     parts = []
     for error in exc.errors(include_url=False, include_input=False, include_context=False)[
         :limit
     ]:
-        loc = ".".join(str(part) for part in error["loc"]) or "frame"
-        parts.append(f"{loc}: {error['msg']}")
+        message = _FIXED_MESSAGES.get(error["type"], error["msg"])
+        parts.append(f"{_location(error['loc'])}: {message}")
     return "; ".join(parts)
 
 

@@ -25,6 +25,7 @@ it was: the connection must be closed, because a silent gap is never an option.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Hashable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -66,7 +67,7 @@ class _Item:
     frame: str
     size: int
     policy: Policy
-    key: str | None
+    key: Hashable | None
 
 
 class OutboundQueue:
@@ -117,7 +118,7 @@ class OutboundQueue:
         *,
         size: int | None = None,
         policy: Policy = Policy.DISCONNECT,
-        key: str | None = None,
+        key: Hashable | None = None,
     ) -> PushResult:
         """Queue `frame`, applying `policy` if the queue is full.
 
@@ -125,7 +126,9 @@ class OutboundQueue:
             frame: an encoded text frame (shared, never copied).
             size: its size in bytes if already known (saves recomputing it per member).
             policy: the policy of the stream the frame belongs to.
-            key: the coalescing key, for `Policy.COALESCE`.
+            key: the coalescing key, for `Policy.COALESCE`; opaque to the queue. The
+                hub scopes it by stream (``(room, key)``), so rooms never supersede
+                each other's frames.
 
         Returns:
             What happened; on `PushResult.OVERFLOW` the queue is unchanged.
@@ -161,10 +164,10 @@ class OutboundQueue:
         if freed >= need_bytes and len(victims) >= need_count:
             self._remove(victims)
 
-    def _coalesce(self, size: int, key: str | None) -> None:
+    def _coalesce(self, size: int, key: Hashable | None) -> None:
         # Keep, for every key, only its newest frame; the incoming frame supersedes
         # queued frames with its own key.
-        seen: set[str] = set() if key is None else {key}
+        seen: set[Hashable] = set() if key is None else {key}
         victims: list[int] = []
         freed = 0
         for index in range(len(self._items) - 1, -1, -1):

@@ -7,6 +7,7 @@ abortive close (RST), and a close without a close frame.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 from collections.abc import Sequence
@@ -117,11 +118,10 @@ class WebSocket:
                     await self._write(self._ws.send(event.response()))
                 elif isinstance(event, CloseConnection):
                     self._closed = _Closed(event.code, event.reason or "")
-                    try:
+                    with contextlib.suppress(anyio.BrokenResourceError,
+                                             anyio.ClosedResourceError, OSError,
+                                             LocalProtocolError):
                         await self._write(self._ws.send(event.response()))
-                    except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError,
-                            LocalProtocolError):
-                        pass
                     await self._stream.aclose()
             if self._closed is not None:
                 raise ConnectionClosed(self._closed.code, self._closed.reason)
@@ -181,7 +181,7 @@ async def connect(
     *,
     headers: Sequence[tuple[str, str]] = (),
     receive_buffer: int | None = None,
-    timeout: float = 10.0,
+    open_timeout: float = 10.0,
 ) -> WebSocket:
     """Open a WebSocket to a ``ws://`` URL.
 
@@ -189,7 +189,7 @@ async def connect(
         url: ``ws://host:port/path?query``.
         headers: extra request headers (``Origin``, ``Cookie``, ``Authorization``...).
         receive_buffer: SO_RCVBUF in bytes, to make a slow reader stall sooner.
-        timeout: seconds for the TCP connect and the upgrade.
+        open_timeout: seconds for the TCP connect and the upgrade.
 
     Raises:
         HandshakeRejected: if the server answers the upgrade with an HTTP status.
@@ -203,7 +203,7 @@ async def connect(
     target = parts.path or "/"
     if parts.query:
         target += "?" + parts.query
-    with anyio.fail_after(timeout):
+    with anyio.fail_after(open_timeout):
         stream = await anyio.connect_tcp(host, port)
         try:
             if receive_buffer is not None:
@@ -211,8 +211,9 @@ async def connect(
                 raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
             ws = WSConnection(ConnectionType.CLIENT)
             host_header = host if parts.port is None else f"{host}:{port}"
+            extra = [(name.encode(), value.encode()) for name, value in headers]
             await stream.send(ws.send(Request(host=host_header, target=target,
-                                              extra_headers=list(headers))))
+                                              extra_headers=extra)))
             client = WebSocket(stream, ws)
             while True:
                 for event in ws.events():

@@ -1,0 +1,231 @@
+"""Connection runtime under trio's virtual clock: heartbeats, timeouts and slow handlers
+take hours of virtual time and milliseconds of real time. No sleeps, no sockets."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import pytest
+from trio.testing import MockClock
+
+from support import MemoryTransport
+from wsroom import CloseCode, Connection, Hub, HubConfig, MessageContext
+from wsroom._transport import Disconnected
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> tuple[str, dict[str, Any]]:
+    return ("trio", {"clock": MockClock(autojump_threshold=0)})
+
+
+class Peer:
+    """The client end of a MemoryTransport, driven by the test."""
+
+    def __init__(self, transport: MemoryTransport, answer_pings: bool = True) -> None:
+        self.transport = transport
+        self.answer_pings = answer_pings
+        self.frames: list[dict[str, Any]] = []
+        self.close_code: int | None = None
+        self.closed_at: float | None = None
+        self.pings = 0
+
+    async def pump(self) -> None:
+        """Read server frames until the close; answer pings if enabled."""
+        async for item in self.transport.from_server:
+            if isinstance(item, Disconnected):
+                self.close_code = item.code
+                self.closed_at = anyio.current_time()
+                return
+            for line in item.split("\n"):
+                frame = json.loads(line)
+                if frame["type"] == "ping":
+                    self.pings += 1
+                    if self.answer_pings:
+                        await self.transport.client_send({"type": "pong", "id": frame["id"]})
+                else:
+                    self.frames.append(frame)
+
+
+@asynccontextmanager
+async def running(hub: Hub, *, hello: bool = True, answer_pings: bool = True
+                  ) -> AsyncIterator[tuple[Peer, anyio.abc.TaskGroup]]:
+    transport = MemoryTransport()
+    peer = Peer(transport, answer_pings)
+    async with hub.run(), anyio.create_task_group() as tg:
+        tg.start_soon(Connection(hub, transport).run)
+        tg.start_soon(peer.pump)
+        if hello:
+            await transport.client_send({"type": "hello", "v": 1})
+        yield peer, tg
+        tg.cancel_scope.cancel()
+    transport.close_streams()
+
+
+async def test_silent_peer_is_evicted_within_interval_plus_timeout() -> None:
+    config = HubConfig(ping_interval=30, pong_timeout=10)
+    hub = Hub(config)
+    async with running(hub, answer_pings=False) as (peer, _):
+        start = anyio.current_time()
+        with anyio.fail_after(1000):
+            while peer.close_code is None:
+                await anyio.sleep(1)
+    assert peer.close_code == CloseCode.NO_PONG
+    assert peer.closed_at is not None
+    elapsed = peer.closed_at - start
+    assert 40 <= elapsed <= 41
+    assert hub.stats().closes == {"no_pong": 1}
+    assert hub.stats().connections == 0
+
+
+async def test_live_peer_survives_an_hour_of_heartbeats() -> None:
+    hub = Hub(HubConfig(ping_interval=30, pong_timeout=10))
+    async with running(hub) as (peer, _tg):
+        await anyio.sleep(3600)
+        assert peer.close_code is None
+        assert peer.pings >= 119
+        assert len(hub.connections()) == 1
+
+
+async def test_handshake_timeout_closes_with_3502() -> None:
+    hub = Hub(HubConfig(handshake_timeout=10))
+    async with running(hub, hello=False) as (peer, _):
+        start = anyio.current_time()
+        with anyio.fail_after(100):
+            while peer.close_code is None:
+                await anyio.sleep(1)
+    assert peer.close_code == CloseCode.HANDSHAKE_TIMEOUT
+    assert peer.closed_at is not None
+    assert peer.closed_at - start == pytest.approx(10, abs=0.01)
+    assert hub.stats().connections == 0
+
+
+async def test_idle_timeout_closes_with_3511_but_messages_reset_it() -> None:
+    hub = Hub(HubConfig(ping_interval=30, pong_timeout=10, idle_timeout=300))
+
+    @hub.on("poke")
+    async def poke(ctx: MessageContext, data: Any) -> None:
+        return None
+
+    async with running(hub) as (peer, _):
+        start = anyio.current_time()
+        for _ in range(5):  # active for 5 x 200 s: never idle
+            await anyio.sleep(200)
+            await peer.transport.client_send({"type": "msg", "event": "poke"})
+        assert peer.close_code is None
+        with anyio.fail_after(1000):
+            while peer.close_code is None:
+                await anyio.sleep(1)
+        assert peer.close_code == CloseCode.IDLE_TIMEOUT
+        assert peer.closed_at is not None
+        assert peer.closed_at - start == pytest.approx(1300, abs=1)
+
+
+async def test_slow_handler_does_not_cause_a_heartbeat_eviction() -> None:
+    """A handler that takes 10 minutes, and a client that keeps sending while it runs
+    (so the inbox fills and the reader waits): the connection stays up, every message
+    is handled in order, and no pong deadline fires."""
+    config = HubConfig(ping_interval=30, pong_timeout=10, inbox_size=4)
+    hub = Hub(config)
+    handled: list[int] = []
+
+    @hub.on("slow")
+    async def slow(ctx: MessageContext, data: int) -> int:
+        await anyio.sleep(600)
+        handled.append(data)
+        return data
+
+    async with running(hub) as (peer, _tg):
+        for number in range(10):
+            await peer.transport.client_send(
+                {"type": "msg", "event": "slow", "data": number, "ref": number})
+        with anyio.fail_after(10 * 600 + 100):
+            while len(handled) < 10:
+                await anyio.sleep(5)
+        await anyio.sleep(1)
+        assert peer.close_code is None
+        assert handled == list(range(10))
+        replies = [f["data"] for f in peer.frames if f["type"] == "reply"]
+        assert replies == list(range(10))
+        assert hub.stats().closes == {}
+
+
+async def test_peer_close_releases_everything_once() -> None:
+    hub = Hub()
+    closed: list[str] = []
+
+    @hub.on_connect
+    async def join(conn: Connection) -> None:
+        await conn.join("a")
+        await conn.join("b")
+
+    @hub.on_disconnect
+    async def left(conn: Connection) -> None:
+        closed.append(conn.id)
+
+    async with running(hub) as (peer, _):
+        with anyio.fail_after(5):
+            while not peer.frames:
+                await anyio.sleep(0.01)
+        assert sorted(hub.rooms()) == ["a", "b"]
+        await peer.transport.client_disconnect(1000)
+        with anyio.fail_after(5):
+            while hub.stats().connections:
+                await anyio.sleep(0.01)
+    stats = hub.stats()
+    assert (stats.connections, stats.rooms, stats.members) == (0, 0, 0)
+    assert stats.closes == {"client_closed": 1}
+    assert len(closed) == 1
+
+
+async def test_welcome_comes_first_and_reports_join_positions() -> None:
+    """Messages published while on_connect runs are queued behind the welcome, whose
+    stream offsets say where the client's view starts."""
+    hub = Hub()
+
+    @hub.on_connect
+    async def join(conn: Connection) -> None:
+        await conn.join("room")
+        await hub.publish("room", "early", 1)
+        await anyio.sleep(5)
+        await hub.publish("room", "early", 2)
+
+    async with running(hub) as (peer, _tg):
+        with anyio.fail_after(20):
+            while len(peer.frames) < 3:
+                await anyio.sleep(0.1)
+        welcome, first, second = peer.frames[:3]
+        assert welcome["type"] == "welcome"
+        assert welcome["streams"]["room"]["offset"] == 0
+        assert [first["offset"], second["offset"]] == [1, 2]
+
+
+async def test_shutdown_flushes_then_closes_with_1012() -> None:
+    hub = Hub(HubConfig(shutdown_timeout=10))
+
+    @hub.on_connect
+    async def join(conn: Connection) -> None:
+        await conn.join("room")
+
+    transport = MemoryTransport()
+    peer = Peer(transport)
+    async with anyio.create_task_group() as tg:
+        async with hub.run():
+            tg.start_soon(Connection(hub, transport).run)
+            tg.start_soon(peer.pump)
+            await transport.client_send({"type": "hello", "v": 1})
+            with anyio.fail_after(5):
+                while not peer.frames:
+                    await anyio.sleep(0.01)
+            for number in range(100):
+                await hub.publish("room", "n", number)
+        # hub.run() exited: the drain happened inside
+        assert peer.close_code == CloseCode.SERVICE_RESTART
+        assert [f["data"] for f in peer.frames if f["type"] == "msg"] == list(range(100))
+        assert hub.stats().connections == 0
+    transport.close_streams()
