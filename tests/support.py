@@ -5,10 +5,17 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import socket
+import subprocess
+import sys
+import tempfile
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -93,6 +100,68 @@ async def _serve_hypercorn(app: ASGIApp) -> AsyncIterator[str]:
             yield binds[0].replace("http://", "ws://")
         finally:
             stop.set()
+
+
+@dataclass
+class ServerProcess:
+    """A uvicorn server in its own process (see `spawn`)."""
+
+    url: str
+    process: anyio.abc.Process
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def terminate(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+
+
+@asynccontextmanager
+async def spawn(app: str, config: dict[str, Any] | None = None,
+                *, send_buffer: int | None = None) -> AsyncIterator[ServerProcess]:
+    """Run ``uvicorn tests/apps/<app>`` in a child process on a socket bound here.
+
+    Args:
+        app: ``module:attribute`` inside tests/apps.
+        config: HubConfig fields, passed as WSROOM_TEST_CONFIG.
+        send_buffer: SO_SNDBUF of the listening socket (inherited by accepted sockets),
+            to make a stalled reader back up into the server sooner.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if send_buffer is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    sock.set_inheritable(True)
+    port = sock.getsockname()[1]
+    env = {**os.environ, "WSROOM_TEST_CONFIG": json.dumps(config or {}),
+           "PYTHONWARNINGS": "default::ResourceWarning"}
+    fd, log_name = tempfile.mkstemp(prefix="wsroom-server-", suffix=".log")
+    command = [sys.executable, "-m", "uvicorn", app, "--app-dir",
+               str(Path(__file__).parent / "apps"), "--fd", str(sock.fileno()),
+               "--ws", "websockets-sansio", "--log-level", "info",
+               "--timeout-graceful-shutdown", "15"]
+    with os.fdopen(fd, "wb") as log_file:
+        process = await anyio.open_process(command, env=env, pass_fds=(sock.fileno(),),
+                                           stdout=log_file, stderr=subprocess.STDOUT)
+    server = ServerProcess(f"ws://127.0.0.1:{port}", process, Path(log_name))
+    try:
+        with anyio.fail_after(20):
+            while "Application startup complete" not in server.log():
+                if process.returncode is not None:
+                    raise RuntimeError(f"server exited early:\n{server.log()}")
+                await anyio.sleep(0.05)
+        yield server
+    finally:
+        sock.close()
+        if process.returncode is None:
+            process.kill()
+        with anyio.move_on_after(10, shield=True):
+            await process.wait()
+        await process.aclose()
+        os.unlink(log_name)
 
 
 class Player:

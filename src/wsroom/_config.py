@@ -54,7 +54,9 @@ class HubConfig:
             beyond it the reader waits (TCP backpressure to the client).
         max_connections: global cap on connections of this hub (1013 beyond it), or
             None for no cap.
-        close_timeout: seconds allowed for writing the close frame to a peer.
+        close_timeout: seconds allowed for handing the close frame to the server; a
+            peer that reads nothing for that long (its TCP window is full) is dropped
+            without one (it sees 1006, and reconnects as it would after 3008).
         hook_timeout: seconds allowed for `on_disconnect` hooks.
         shutdown_timeout: seconds a graceful shutdown may take in all.
         shutdown_batch_size: connections told to reconnect (1012) per batch during a
@@ -74,7 +76,7 @@ class HubConfig:
     error_budget: int = 10
     inbox_size: int = 16
     max_connections: int | None = None
-    close_timeout: float = 2.0
+    close_timeout: float = 10.0
     hook_timeout: float = 5.0
     shutdown_timeout: float = 10.0
     shutdown_batch_size: int = 200

@@ -489,8 +489,9 @@ class Connection:
         while not self._sm.closing:
             tick = heartbeat.poll(anyio.current_time())
             if tick.beat is Beat.PING:
-                self._queue.push_control(ping_frame(tick.ping_id))
-                self._wake()
+                if not self._queue.control_queued:  # else the last ping is still queued
+                    self._queue.push_control(ping_frame(tick.ping_id))
+                    self._wake()
             elif tick.beat is Beat.NO_PONG:
                 self._request_close(CloseReason.NO_PONG)
                 return

@@ -68,6 +68,7 @@ class _Item:
     size: int
     policy: Policy
     key: Hashable | None
+    control: bool = False
 
 
 class OutboundQueue:
@@ -81,8 +82,8 @@ class OutboundQueue:
         ValueError: if a bound is not positive.
     """
 
-    __slots__ = ("_bytes", "_items", "discarded_total", "last_discarded", "max_bytes",
-                 "max_messages")
+    __slots__ = ("_bytes", "_items", "control_queued", "discarded_total", "last_discarded",
+                 "max_bytes", "max_messages")
 
     def __init__(self, max_bytes: int, max_messages: int) -> None:
         if max_bytes <= 0 or max_messages <= 0:
@@ -94,6 +95,8 @@ class OutboundQueue:
         self.max_messages = max_messages
         self._items: deque[_Item] = deque()
         self._bytes = 0
+        self.control_queued = 0
+        """Control frames waiting (the heartbeat queues a ping only when this is 0)."""
         self.discarded_total = 0
         """Frames discarded by `drop_oldest` or `coalesce` over the queue's life."""
         self.last_discarded = 0
@@ -202,14 +205,16 @@ class OutboundQueue:
         """Queue a small control frame (``ping``, ``welcome``) regardless of the bounds.
 
         Control frames are never discarded: a ping stuck behind a full queue would make
-        a live but slow client look dead. At most one is queued per ping interval, and
-        a connection whose pings pile up is evicted by its heartbeat.
+        a live but slow client look dead. The heartbeat queues a ping only when no
+        control frame is waiting, so the queue exceeds `max_bytes` by at most one
+        small control frame.
 
         Args:
             frame: the encoded frame.
             front: queue it ahead of everything else (the ``welcome``).
         """
-        item = _Item(frame, frame_size(frame), Policy.DISCONNECT, None)
+        item = _Item(frame, frame_size(frame), Policy.DISCONNECT, None, control=True)
+        self.control_queued += 1
         if front:
             self._items.appendleft(item)
         else:
@@ -228,11 +233,14 @@ class OutboundQueue:
         first = items.popleft()
         out = [first.frame]
         total = first.size
+        control = int(first.control)
         while items and total + items[0].size <= max_bytes:
             item = items.popleft()
             out.append(item.frame)
             total += item.size
+            control += item.control
         self._bytes -= total
+        self.control_queued -= control
         return out
 
     def clear(self) -> int:
@@ -240,4 +248,5 @@ class OutboundQueue:
         count = len(self._items)
         self._items.clear()
         self._bytes = 0
+        self.control_queued = 0
         return count

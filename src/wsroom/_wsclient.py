@@ -8,6 +8,8 @@ abortive close (RST), and a close without a close frame.
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 import socket
 import struct
 from collections.abc import Sequence
@@ -176,6 +178,28 @@ class WebSocket:
         await self._stream.aclose()
 
 
+async def _connect_with_receive_buffer(host: str, port: int, size: int) -> SocketStream:
+    # SO_RCVBUF must be set before connect(): shrinking it afterwards, below a window
+    # already advertised, makes the kernel drop segments and stall on retransmits.
+    family, kind, proto, _, address = (await anyio.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM))[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+        sock.setblocking(False)
+        error = sock.connect_ex(address)
+        if error not in (0, errno.EINPROGRESS):
+            raise OSError(error, os.strerror(error))
+        await anyio.wait_writable(sock)
+        error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error:
+            raise OSError(error, os.strerror(error))
+        return await SocketStream.from_socket(sock)
+    except BaseException:
+        sock.close()
+        raise
+
+
 async def connect(
     url: str,
     *,
@@ -204,11 +228,11 @@ async def connect(
     if parts.query:
         target += "?" + parts.query
     with anyio.fail_after(open_timeout):
-        stream = await anyio.connect_tcp(host, port)
+        if receive_buffer is None:
+            stream = await anyio.connect_tcp(host, port)
+        else:
+            stream = await _connect_with_receive_buffer(host, port, receive_buffer)
         try:
-            if receive_buffer is not None:
-                raw: socket.socket = stream.extra(SocketAttribute.raw_socket)
-                raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
             ws = WSConnection(ConnectionType.CLIENT)
             host_header = host if parts.port is None else f"{host}:{port}"
             extra = [(name.encode(), value.encode()) for name, value in headers]
