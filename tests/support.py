@@ -24,7 +24,7 @@ from starlette.requests import HTTPConnection
 from starlette.routing import WebSocketRoute
 from starlette.types import ASGIApp
 
-from wsroom import Hub
+from wsroom import Connection, Hub
 from wsroom._transport import Disconnected
 from wsroom._wsclient import ConnectionClosed, WebSocket, connect
 
@@ -335,3 +335,46 @@ class MemoryTransport:
         for stream in (self._to_server_send, self._to_server, self._to_client,
                        self.from_server):
             stream.close()
+
+
+class Peer:
+    """The client end of a MemoryTransport, driven by the test."""
+
+    def __init__(self, transport: MemoryTransport, answer_pings: bool = True) -> None:
+        self.transport = transport
+        self.answer_pings = answer_pings
+        self.frames: list[dict[str, Any]] = []
+        self.close_code: int | None = None
+        self.closed_at: float | None = None
+        self.pings = 0
+
+    async def pump(self) -> None:
+        """Read server frames until the close; answer pings if enabled."""
+        async for item in self.transport.from_server:
+            if isinstance(item, Disconnected):
+                self.close_code = item.code
+                self.closed_at = anyio.current_time()
+                return
+            for line in item.split("\n"):
+                frame = json.loads(line)
+                if frame["type"] == "ping":
+                    self.pings += 1
+                    if self.answer_pings:
+                        await self.transport.client_send({"type": "pong", "id": frame["id"]})
+                else:
+                    self.frames.append(frame)
+
+
+@asynccontextmanager
+async def running(hub: Hub, *, hello: bool = True, answer_pings: bool = True
+                  ) -> AsyncIterator[tuple[Peer, anyio.abc.TaskGroup]]:
+    transport = MemoryTransport()
+    peer = Peer(transport, answer_pings)
+    async with hub.run(), anyio.create_task_group() as tg:
+        tg.start_soon(Connection(hub, transport)._run)
+        tg.start_soon(peer.pump)
+        if hello:
+            await transport.client_send({"type": "hello", "v": 1})
+        yield peer, tg
+        tg.cancel_scope.cancel()
+    transport.close_streams()

@@ -3,18 +3,14 @@ take hours of virtual time and milliseconds of real time. No sleeps, no sockets.
 
 from __future__ import annotations
 
-import json
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
 import pytest
 from trio.testing import MockClock
 
-from support import MemoryTransport
+from support import MemoryTransport, Peer, running
 from wsroom import CloseCode, Connection, Hub, HubConfig, MessageContext
-from wsroom._transport import Disconnected
 
 pytestmark = pytest.mark.anyio
 
@@ -22,49 +18,6 @@ pytestmark = pytest.mark.anyio
 @pytest.fixture
 def anyio_backend() -> tuple[str, dict[str, Any]]:
     return ("trio", {"clock": MockClock(autojump_threshold=0)})
-
-
-class Peer:
-    """The client end of a MemoryTransport, driven by the test."""
-
-    def __init__(self, transport: MemoryTransport, answer_pings: bool = True) -> None:
-        self.transport = transport
-        self.answer_pings = answer_pings
-        self.frames: list[dict[str, Any]] = []
-        self.close_code: int | None = None
-        self.closed_at: float | None = None
-        self.pings = 0
-
-    async def pump(self) -> None:
-        """Read server frames until the close; answer pings if enabled."""
-        async for item in self.transport.from_server:
-            if isinstance(item, Disconnected):
-                self.close_code = item.code
-                self.closed_at = anyio.current_time()
-                return
-            for line in item.split("\n"):
-                frame = json.loads(line)
-                if frame["type"] == "ping":
-                    self.pings += 1
-                    if self.answer_pings:
-                        await self.transport.client_send({"type": "pong", "id": frame["id"]})
-                else:
-                    self.frames.append(frame)
-
-
-@asynccontextmanager
-async def running(hub: Hub, *, hello: bool = True, answer_pings: bool = True
-                  ) -> AsyncIterator[tuple[Peer, anyio.abc.TaskGroup]]:
-    transport = MemoryTransport()
-    peer = Peer(transport, answer_pings)
-    async with hub.run(), anyio.create_task_group() as tg:
-        tg.start_soon(Connection(hub, transport).run)
-        tg.start_soon(peer.pump)
-        if hello:
-            await transport.client_send({"type": "hello", "v": 1})
-        yield peer, tg
-        tg.cancel_scope.cancel()
-    transport.close_streams()
 
 
 async def test_silent_peer_is_evicted_within_interval_plus_timeout() -> None:
@@ -216,7 +169,7 @@ async def test_shutdown_flushes_then_closes_with_1012() -> None:
     peer = Peer(transport)
     async with anyio.create_task_group() as tg:
         async with hub.run():
-            tg.start_soon(Connection(hub, transport).run)
+            tg.start_soon(Connection(hub, transport)._run)
             tg.start_soon(peer.pump)
             await transport.client_send({"type": "hello", "v": 1})
             with anyio.fail_after(5):

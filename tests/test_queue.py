@@ -220,9 +220,11 @@ def test_pop_batch_stops_at_the_first_frame_that_does_not_fit() -> None:
     queue = OutboundQueue(max_bytes=100, max_messages=10)
     for frame, size in [("a", 3), ("b", 3), ("c", 5), ("d", 1)]:
         queue.push(frame, size=size)
-    # "d" would fit after "c", but frames are never reordered.
+    # Sizes plus one newline between frames: "a\nb" is 7 bytes. "d" would fit after
+    # "c", but frames are never reordered.
     assert queue.pop_batch(7) == ["a", "b"]
-    assert queue.pop_batch(6) == ["c", "d"]
+    assert queue.pop_batch(6) == ["c"]
+    assert queue.pop_batch(6) == ["d"]
     assert len(queue) == 0
     assert queue.bytes == 0
 
@@ -397,9 +399,10 @@ class QueueMachine(RuleBasedStateMachine):
         assert out == before[: len(out)], "oldest first"
         sizes = [self.meta[f].size for f in before]
         batch = sum(sizes[: len(out)])
-        assert batch <= max_bytes or len(out) == 1
+        on_wire = batch + len(out) - 1  # newline separators between frames
+        assert on_wire <= max_bytes or len(out) == 1
         if len(out) < len(before):
-            assert batch + sizes[len(out)] > max_bytes, "the batch is as large as allowed"
+            assert on_wire + 1 + sizes[len(out)] > max_bytes, "as large as allowed"
         assert queued(queue) == before[len(out):]
         assert queue.bytes == bytes_before - batch
         self.popped.extend(out)

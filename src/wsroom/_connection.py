@@ -31,9 +31,9 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Hashable, Mapping
+from collections.abc import Awaitable, Hashable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 from anyio.abc import TaskGroup
@@ -70,6 +70,8 @@ __all__ = ["Connection", "Identity", "INBOX"]
 
 log = logging.getLogger("wsroom.connection")
 
+T = TypeVar("T")
+
 INBOX = "@inbox"
 """Name of every connection's personal stream (room names may not start with '@')."""
 
@@ -97,10 +99,28 @@ class Connection:
     """
 
     __slots__ = (
-        "_budget", "_close_reason_text", "_close_sent", "_heartbeat", "_hub", "_inbox",
-        "_inbox_send", "_join_positions", "_peer_closed", "_queue", "_released", "_scope",
-        "_send_scope", "_sm", "_started_at", "_transport", "_wakeup", "_welcomed", "id",
-        "identity", "state",
+        "_budget",
+        "_close_reason_text",
+        "_close_sent",
+        "_final_rooms",
+        "_heartbeat",
+        "_hub",
+        "_inbox",
+        "_inbox_send",
+        "_join_positions",
+        "_peer_closed",
+        "_queue",
+        "_released",
+        "_scope",
+        "_send_scope",
+        "_sm",
+        "_started_at",
+        "_transport",
+        "_wakeup",
+        "_welcomed",
+        "id",
+        "identity",
+        "state",
     )
 
     def __init__(self, hub: Hub, transport: Transport) -> None:
@@ -121,6 +141,7 @@ class Connection:
         self._scope: anyio.CancelScope | None = None
         self._send_scope: anyio.CancelScope | None = None
         self._join_positions: dict[str, tuple[str, int]] = {}
+        self._final_rooms: frozenset[str] | None = None
         self._close_reason_text = ""
         self._close_sent = False
         self._peer_closed = False
@@ -146,7 +167,9 @@ class Connection:
 
     @property
     def rooms(self) -> frozenset[str]:
-        """Names of the rooms this connection is in."""
+        """Names of the rooms this connection is in (once it has ended: was in)."""
+        if self._final_rooms is not None:
+            return self._final_rooms
         return self._hub._rooms.rooms_of(self)
 
     @property
@@ -262,7 +285,7 @@ class Connection:
 
     # -------------------------------------------------------------------- running
 
-    async def run(self) -> None:
+    async def _run(self) -> None:
         """Serve the connection until it ends, then release everything it held."""
         hub = self._hub
         rejection = hub._admit(self)
@@ -329,8 +352,9 @@ class Connection:
                     return
                 finally:
                     self._send_scope = None
-            stats.frames_out += 1
-            stats.messages_out += len(frames)
+            if not scope.cancelled_caught:
+                stats.frames_out += 1
+                stats.messages_out += len(frames)
         await self._send_close()
         self._finish(self._sm.reason or CloseReason.APP)
 
@@ -339,7 +363,11 @@ class Connection:
         if code is None or self._peer_closed or self._close_sent:
             return
         self._close_sent = True  # attempted: never twice
-        with anyio.move_on_after(self._hub.config.close_timeout):
+        timeout = self._hub.config.close_timeout
+        if self._sm.reason is CloseReason.NO_PONG:
+            # The peer is presumed dead: one second of slack, not a long linger.
+            timeout = min(timeout, 1.0)
+        with anyio.move_on_after(timeout):
             try:
                 await self._transport.close(code, self._close_reason_text)
             except Exception as exc:
@@ -376,10 +404,13 @@ class Connection:
             ):
                 self._request_close(CloseReason.MESSAGE_TOO_BIG)
                 continue
-            if isinstance(message, bytes):
-                self._bad(ErrorCode.BAD_FRAME, "binary frames are not accepted", None)
-                continue
             first = handshake is None
+            if isinstance(message, bytes):
+                if first:
+                    self._request_close(CloseReason.BAD_HANDSHAKE)
+                else:
+                    self._bad(ErrorCode.BAD_FRAME, "binary frames are not accepted", None)
+                continue
             try:
                 frame = parse_client_frame(message)
             except BadFrame as exc:
@@ -426,22 +457,27 @@ class Connection:
         if self._budget.failure():
             self._request_close(CloseReason.ERROR_BUDGET)
 
-    async def _handshake(self, hello: Hello) -> None:
-        hub = self._hub
+    async def _guarded(self, what: str, hook: Awaitable[T]) -> tuple[bool, T | None]:
+        """Await an app hook; a `Reject` or an exception closes the connection."""
         try:
-            identity = await hub._authenticate(Handshake(self._transport.request, hello.auth))
+            return True, await hook
         except Reject as exc:
             self._close_reason_text = exc.reason
             self._request_close(CloseReason.APP, exc.code)
-            return
         except Exception:
-            log.exception("%s: authenticate raised", self._tag())
+            log.exception("%s: %s raised", self._tag(), what)
             self._request_close(CloseReason.INTERNAL_ERROR)
+        return False, None
+
+    async def _handshake(self, hello: Hello) -> None:
+        hub = self._hub
+        handshake = Handshake(self._transport.request, hello.auth)
+        ok, identity = await self._guarded(
+            "authenticate", hub._authenticate(handshake, anonymous_id=self.id))
+        if not ok or self._sm.closing:
             return
         if identity is None:
             self._request_close(CloseReason.AUTH_FAILED)
-            return
-        if self._sm.closing:
             return
         self.identity = identity
         self._sm.welcome()
@@ -451,19 +487,14 @@ class Connection:
             idle_timeout=hub.config.idle_timeout,
             now=anyio.current_time(),
         )
-        try:
-            await hub._on_connect(self)
-        except Reject as exc:
-            self._close_reason_text = exc.reason
-            self._request_close(CloseReason.APP, exc.code)
-        except Exception:
-            log.exception("%s: on_connect hook raised", self._tag())
-            self._request_close(CloseReason.INTERNAL_ERROR)
+        # Whatever on_connect queues (room traffic, personal messages) waits behind
+        # the welcome, which reports each stream's position before it.
         streams = {INBOX: {"epoch": self._inbox.epoch, "offset": self._inbox.offset,
                            "recovered": False}}
+        ok, _ = await self._guarded("on_connect hook", hub._on_connect(self))
+        if not ok or self._sm.closing:
+            return  # closed before the welcome: nothing queued is ever sent
         for name in sorted(self.rooms):
-            # Frames published since the join wait behind the welcome: report the
-            # position at the join.
             epoch, offset = self._join_positions[name]
             streams[name] = {"epoch": epoch, "offset": offset, "recovered": False}
         self._join_positions.clear()
@@ -529,6 +560,7 @@ class Connection:
             else:
                 async with scope_factory(ctx) as ctx.scope:
                     result = await route.handler(ctx, data)
+            reply = None if frame.ref is None else reply_frame(frame.ref, result)
         except ClientError as exc:
             self._push_personal(error_frame(exc.code, exc.detail, frame.ref))
             return
@@ -538,12 +570,13 @@ class Connection:
             return
         except Exception:
             hub._stats.handler_errors += 1
-            log.exception("%s: handler for event %r raised", self._tag(), frame.event)
+            log.exception("%s: handler for event %r raised (or returned a value that "
+                          "is not JSON-serializable)", self._tag(), frame.event)
             self._bad(ErrorCode.INTERNAL, "internal error", frame.ref)
             return
         self._budget.success()
-        if frame.ref is not None:
-            self._push_personal(reply_frame(frame.ref, result))
+        if reply is not None:
+            self._push_personal(reply)
 
     async def _release(self) -> None:
         """Release everything the connection holds. Runs exactly once."""
@@ -560,6 +593,7 @@ class Connection:
         sm.finish(reason)
         self._queue.clear()
         rooms = self._hub._detach(self, reason)
+        self._final_rooms = frozenset(rooms)
         level = disposition(reason).log_level
         log.log(
             level, "%s: closed, reason=%s code=%s rooms=%d after=%.1fs", self._tag(), reason,

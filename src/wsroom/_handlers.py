@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import typing
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -69,8 +69,12 @@ class Route:
     adapter: TypeAdapter[Any] | None
 
 
-def _payload_type(handler: Handler) -> Any:
-    """The annotation of the handler's second parameter (the payload), if any."""
+def _payload_type(handler: Handler, localns: Mapping[str, Any] | None) -> Any:
+    """The annotation of the handler's second parameter (the payload), if any.
+
+    `localns` is the namespace the handler was defined in, so that a model class local
+    to a function resolves even under ``from __future__ import annotations``.
+    """
     params = list(inspect.signature(handler).parameters.values())
     if len(params) != 2:
         raise TypeError(
@@ -78,7 +82,7 @@ def _payload_type(handler: Handler) -> Any:
             f"it takes {len(params)}"
         )
     try:
-        hints = typing.get_type_hints(handler)
+        hints = typing.get_type_hints(handler, localns=dict(localns or {}))
     except Exception as exc:  # unresolvable forward references
         raise TypeError(
             f"cannot resolve the annotations of handler {handler.__qualname__}: {exc}; "
@@ -95,7 +99,13 @@ class Handlers:
     def __init__(self) -> None:
         self._routes: dict[str, Route] = {}
 
-    def add(self, event: str, handler: Handler, model: Any = None) -> None:
+    def add(
+        self,
+        event: str,
+        handler: Handler,
+        model: Any = None,
+        localns: Mapping[str, Any] | None = None,
+    ) -> None:
         """Register `handler` for `event`.
 
         The payload is validated against `model`, or else against the annotation of
@@ -111,7 +121,7 @@ class Handlers:
             raise ValueError(f"event {event!r} already has a handler")
         if not inspect.iscoroutinefunction(handler):
             raise TypeError(f"handler for {event!r} must be an async function")
-        payload = _payload_type(handler) if model is None else model
+        payload = _payload_type(handler, localns) if model is None else model
         adapter = None if payload is Any else TypeAdapter(payload)
         self._routes[event] = Route(event, handler, adapter)
 

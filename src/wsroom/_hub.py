@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import secrets
+import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -27,7 +28,7 @@ from enum import Enum
 from typing import Any, TypeVar
 
 import anyio
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from ._config import HubConfig, RoomConfig
@@ -152,6 +153,7 @@ class Hub:
         self._stats = _Counters()
         self._phase = _Phase.IDLE
         self._empty: anyio.Event | None = None
+        self._asgi_app = _HubAsgi(self)
 
     # ------------------------------------------------------------ registration
 
@@ -163,7 +165,9 @@ class Hub:
         """
 
         def decorator(handler: H) -> H:
-            self._handlers.add(event, handler, model)
+            # The caller's locals resolve payload models defined inside a function.
+            caller = sys._getframe(1).f_locals
+            self._handlers.add(event, handler, model, localns=caller)
             return handler
 
         return decorator
@@ -175,7 +179,8 @@ class Hub:
         return hook
 
     def on_disconnect(self, hook: C) -> C:
-        """Register ``async (connection)`` run once when a welcomed connection ends."""
+        """Register ``async (connection)`` run once when an authenticated connection
+        ends, after it has left its rooms (``connection.rooms`` still names them)."""
         self._disconnect_hooks.append(hook)
         return hook
 
@@ -241,7 +246,7 @@ class Hub:
 
         Returns:
             The message's offset in the room's stream, or None if the room has no
-            members (nothing was delivered).
+                members (nothing was delivered).
 
         Raises:
             HubNotRunning: outside `Hub.run()`.
@@ -281,18 +286,14 @@ class Hub:
         """
         await Connection(
             self, AsgiTransport(websocket.scope, websocket.receive, websocket.send)
-        ).run()
+        )._run()
 
-    async def asgi(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """The hub as a plain ASGI app, for any framework (or none)."""
-        if scope["type"] != "websocket":
-            body = b"This endpoint speaks WebSocket only.\n"
-            await send({"type": "http.response.start", "status": 426, "headers": [
-                (b"content-type", b"text/plain"), (b"upgrade", b"websocket"),
-                (b"content-length", str(len(body)).encode())]})
-            await send({"type": "http.response.body", "body": body})
-            return
-        await Connection(self, AsgiTransport(scope, receive, send)).run()
+    @property
+    def asgi(self) -> ASGIApp:
+        """The hub as a complete ASGI app (WebSocket on every path, lifespan included),
+        to mount under any framework or to serve alone: ``uvicorn module:hub.asgi``.
+        HTTP requests get 426 Upgrade Required."""
+        return self._asgi_app
 
     @asynccontextmanager
     async def run(self) -> AsyncIterator[Hub]:
@@ -383,17 +384,19 @@ class Hub:
         return None
 
     def _detach(self, conn: Connection, reason: CloseReason) -> list[str]:
-        """Forget `conn` everywhere; return the rooms it was in."""
+        """Forget `conn` everywhere (called once per connection, refused ones too);
+        return the rooms it was in."""
         rooms = self._rooms.leave_all(conn)
-        if self._connections.pop(conn.id, None) is not None:
-            self._stats.closes[str(reason)] += 1
+        self._connections.pop(conn.id, None)
+        self._stats.closes[str(reason)] += 1
         if not self._connections and self._empty is not None:
             self._empty.set()
         return rooms
 
-    async def _authenticate(self, handshake: Handshake) -> Identity | None:
+    async def _authenticate(self, handshake: Handshake, *, anonymous_id: str
+                            ) -> Identity | None:
         if self._authenticate_hook is None:
-            return Identity(id=secrets.token_urlsafe(8))
+            return Identity(id=anonymous_id)
         return await self._authenticate_hook(handshake)
 
     async def _on_connect(self, conn: Connection) -> None:
@@ -422,3 +425,39 @@ class Hub:
         if self._rooms.leave(room, conn):
             conn._join_positions.pop(room, None)
         await anyio.lowlevel.checkpoint()
+
+
+class _HubAsgi:
+    """`Hub.asgi`: an object, not a bound method, so that servers that inspect the
+    app (uvicorn's ASGI 2/3 detection) recognise an ASGI 3 callable."""
+
+    __slots__ = ("_hub",)
+
+    def __init__(self, hub: Hub) -> None:
+        self._hub = hub
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+        elif scope["type"] == "websocket":
+            await Connection(self._hub, AsgiTransport(scope, receive, send))._run()
+        else:
+            body = b"This endpoint speaks WebSocket only.\n"
+            await send({"type": "http.response.start", "status": 426, "headers": [
+                (b"content-type", b"text/plain"), (b"upgrade", b"websocket"),
+                (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        await receive()  # lifespan.startup
+        phase = "startup"
+        try:
+            async with self._hub.lifespan():
+                await send({"type": "lifespan.startup.complete"})
+                await receive()  # lifespan.shutdown
+                phase = "shutdown"
+        except Exception as exc:
+            log.exception("hub lifespan %s failed", phase)
+            await send({"type": f"lifespan.{phase}.failed", "message": str(exc)})
+            return
+        await send({"type": "lifespan.shutdown.complete"})

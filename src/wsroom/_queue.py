@@ -225,7 +225,8 @@ class OutboundQueue:
         """Remove and return queued frames, oldest first.
 
         At least one frame is returned if the queue is not empty; further frames are
-        added while their summed size stays within `max_bytes`.
+        added while their summed size, plus one separator byte between frames (the
+        writer joins them with newlines), stays within `max_bytes`.
         """
         items = self._items
         if not items:
@@ -234,12 +235,12 @@ class OutboundQueue:
         out = [first.frame]
         total = first.size
         control = int(first.control)
-        while items and total + items[0].size <= max_bytes:
+        while items and total + 1 + items[0].size <= max_bytes:
             item = items.popleft()
             out.append(item.frame)
-            total += item.size
+            total += 1 + item.size
             control += item.control
-        self._bytes -= total
+        self._bytes -= total - (len(out) - 1)
         self.control_queued -= control
         return out
 

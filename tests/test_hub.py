@@ -1,0 +1,386 @@
+"""Hub API: publishing, policies, limits, handler outcomes, registration errors.
+
+In-memory transport (no sockets), on asyncio and trio."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import anyio
+import pytest
+from fastapi import FastAPI, WebSocket
+from pydantic import BaseModel
+
+from support import MemoryTransport, Peer, Player, hub_app, running, serve, wait_for
+from wsroom import (
+    ClientError,
+    CloseCode,
+    Connection,
+    Hub,
+    HubConfig,
+    HubNotRunning,
+    MessageContext,
+    MessageTooLarge,
+    Policy,
+    Reject,
+    RoomConfig,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+async def welcomed(peer: Peer) -> None:
+    await wait_for(lambda: any(f["type"] == "welcome" for f in peer.frames))
+
+
+async def closed(peer: Peer) -> None:
+    await wait_for(lambda: peer.close_code is not None)
+
+
+def of_type(peer: Peer, kind: str) -> list[dict[str, Any]]:
+    return [f for f in peer.frames if f["type"] == kind]
+
+
+async def test_publish_outside_run_raises() -> None:
+    hub = Hub()
+    with pytest.raises(HubNotRunning, match=r"lifespan=hub\.lifespan"):
+        await hub.publish("room", "event", 1)
+
+
+async def test_a_hub_runs_once() -> None:
+    hub = Hub()
+    async with hub.run():
+        pass
+    with pytest.raises(RuntimeError, match="runs only once"):
+        async with hub.run():
+            pass
+
+
+async def test_publish_to_an_empty_room_returns_none_and_offsets_count_up() -> None:
+    hub = Hub()
+
+    @hub.on_connect
+    async def join(conn: Connection) -> None:
+        await conn.join("room")
+
+    async with running(hub) as (peer, _):
+        await welcomed(peer)
+        assert await hub.publish("nobody-here", "e", 1) is None
+        assert [await hub.publish("room", "e", n) for n in range(3)] == [1, 2, 3]
+        await wait_for(lambda: len(of_type(peer, "msg")) == 3)
+        assert [f["offset"] for f in of_type(peer, "msg")] == [1, 2, 3]
+
+
+async def test_a_message_larger_than_any_queue_is_refused_at_publish() -> None:
+    hub = Hub(HubConfig(max_queue_bytes=100_000, max_message_bytes=1000))
+
+    @hub.on_connect
+    async def join(conn: Connection) -> None:
+        await conn.join("room")
+
+    async with running(hub) as (peer, _):
+        await welcomed(peer)
+        with pytest.raises(MessageTooLarge, match="max_queue_bytes=100000"):
+            await hub.publish("room", "e", "x" * 200_000)
+        assert await hub.publish("room", "e", "fits") == 1  # the offset was not burnt
+
+
+async def test_the_connection_cap_answers_1013() -> None:
+    hub = Hub(HubConfig(max_connections=1))
+    async with running(hub) as (first, tg):
+        await welcomed(first)
+        extra = MemoryTransport()
+        peer = Peer(extra)
+        tg.start_soon(Connection(hub, extra)._run)
+        await peer.pump()
+        assert peer.close_code == CloseCode.TRY_AGAIN_LATER
+        assert hub.stats().connections == 1
+        extra.close_streams()
+
+
+async def test_a_connection_before_the_hub_runs_is_closed_1011(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    hub = Hub()
+    transport = MemoryTransport()
+    peer = Peer(transport)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(Connection(hub, transport)._run)
+        await peer.pump()
+    transport.close_streams()
+    assert peer.close_code == CloseCode.INTERNAL_ERROR
+    assert "the hub is not running" in caplog.text
+
+
+async def test_handler_outcomes_reply_error_and_reject() -> None:
+    hub = Hub(HubConfig(error_budget=2))
+
+    class Move(BaseModel):
+        to: int
+
+    @hub.on("move")
+    async def move(ctx: MessageContext, data: Move) -> dict[str, int]:
+        if data.to < 0:
+            raise ClientError("not_allowed", "no negative squares")
+        return {"at": data.to}
+
+    @hub.on("leave")
+    async def leave(ctx: MessageContext, data: Any) -> None:
+        raise Reject(4501, "kicked")
+
+    async with running(hub) as (peer, _):
+        await welcomed(peer)
+        send = peer.transport.client_send
+        await send({"type": "msg", "event": "move", "data": {"to": 3}, "ref": 1})
+        # ClientError does not count against the budget of 2: three in a row are fine.
+        for ref in (2, 3, 4):
+            await send({"type": "msg", "event": "move", "data": {"to": -1}, "ref": ref})
+        await send({"type": "msg", "event": "leave"})
+        await closed(peer)
+    assert of_type(peer, "reply") == [{"type": "reply", "ref": 1, "data": {"at": 3}}]
+    assert [(e["ref"], e["code"]) for e in of_type(peer, "error")] == [
+        (2, "not_allowed"), (3, "not_allowed"), (4, "not_allowed")]
+    assert peer.close_code == 4501
+
+
+async def test_personal_messages_use_the_inbox_stream_and_close_flushes() -> None:
+    hub = Hub()
+
+    @hub.on_connect
+    async def greet(conn: Connection) -> None:
+        await conn.send("hello", 1)
+
+    @hub.on("kick-me")
+    async def kick(ctx: MessageContext, data: Any) -> None:
+        await ctx.connection.send("bye", 2)
+        ctx.connection.close(4500, "kicked")
+        assert not await ctx.connection.send("too late", 3)
+
+    async with running(hub) as (peer, _):
+        await welcomed(peer)
+        welcome = of_type(peer, "welcome")[0]
+        assert welcome["streams"]["@inbox"] == {"epoch": welcome["session"], "offset": 0,
+                                                "recovered": False}
+        await peer.transport.client_send({"type": "msg", "event": "kick-me"})
+        await closed(peer)
+    msgs = of_type(peer, "msg")
+    assert [(m["stream"], m["offset"], m["event"]) for m in msgs] == [
+        ("@inbox", 1, "hello"), ("@inbox", 2, "bye")]
+    assert peer.close_code == 4500
+
+
+async def test_close_rejects_codes_that_may_not_be_sent() -> None:
+    hub = Hub()
+    errors: list[Exception] = []
+
+    @hub.on_connect
+    async def bad_close(conn: Connection) -> None:
+        for code, reason in ((1006, ""), (5000, ""), (4000, "x" * 124)):
+            try:
+                conn.close(code, reason)
+            except ValueError as exc:
+                errors.append(exc)
+
+    async with running(hub) as (peer, _):
+        await welcomed(peer)
+    assert len(errors) == 3
+
+
+async def test_drop_oldest_and_coalesce_discard_only_their_own_frames() -> None:
+    hub = Hub(HubConfig(max_queue_messages=10),
+              room_config=lambda name: RoomConfig(policy=Policy(name.split(":")[0])))
+
+    @hub.on_connect
+    async def join(conn: Connection) -> None:
+        await conn.join("drop_oldest:cursors")
+        await conn.join("coalesce:scores")
+
+    async with running(hub) as (peer, _):
+        await welcomed(peer)
+        # Publish without letting the writer run (no await between the calls' fan-out
+        # and the next push): exactly what a member that does not read experiences.
+        conn = hub.members("drop_oldest:cursors")[0]
+        for n in range(20):
+            conn._enqueue(f'{{"type":"t","c":{n}}}', 20, Policy.DROP_OLDEST, None)
+        assert len(conn._queue) == 10
+        assert hub.stats().discarded == 10
+        await wait_for(lambda: any(f.get("c") == 19 for f in peer.frames))
+        for n in range(30):
+            conn._enqueue(f'{{"type":"t","s":{n},"k":{n % 3}}}', 28, Policy.COALESCE,
+                          ("coalesce:scores", n % 3))
+        assert len(conn._queue) <= 10
+        await wait_for(lambda: any(f.get("s") == 29 for f in peer.frames))
+    cursors = [f["c"] for f in peer.frames if "c" in f]
+    scores = [(f["k"], f["s"]) for f in peer.frames if "s" in f]
+    assert cursors == list(range(10, 20))  # the oldest ten were dropped
+    # At each compaction only the newest frame per key survives; the last three
+    # frames (one per key) always arrive, in order.
+    assert scores[-3:] == [(0, 27), (1, 28), (2, 29)]
+    assert [s for _, s in scores] == sorted(s for _, s in scores)
+    assert hub.stats().discarded == 10 + 30 - len(scores)
+    assert "slow_consumer" not in hub.stats().closes
+
+
+async def test_disconnect_policy_closes_a_full_queue_with_3008() -> None:
+    hub = Hub(HubConfig(max_queue_messages=10))
+
+    @hub.on_connect
+    async def join(conn: Connection) -> None:
+        await conn.join("room")
+
+    async with running(hub) as (peer, _):
+        await welcomed(peer)
+        conn = hub.members("room")[0]
+        for n in range(11):  # synchronously: the writer gets no chance to drain
+            conn._enqueue(f'{{"type":"t","n":{n}}}', 20, Policy.DISCONNECT, None)
+        await closed(peer)
+    assert peer.close_code == CloseCode.SLOW_CONSUMER
+    assert hub.stats().closes == {"slow_consumer": 1}
+
+
+async def test_room_names_are_validated() -> None:
+    hub = Hub()
+    failures: list[str] = []
+
+    @hub.on_connect
+    async def join(conn: Connection) -> None:
+        for name in ("", "@inbox", "x" * 201):
+            try:
+                await conn.join(name)
+            except ValueError as exc:
+                failures.append(str(exc))
+
+    async with running(hub) as (peer, _):
+        await welcomed(peer)
+    assert len(failures) == 3
+
+
+def test_handler_registration_errors() -> None:
+    hub = Hub()
+
+    @hub.on("a")
+    async def a(ctx: MessageContext, data: int) -> None:
+        return None
+
+    with pytest.raises(ValueError, match="already has a handler"):
+        hub.on("a")(a)
+    with pytest.raises(TypeError, match="async function"):
+        hub.on("b")(lambda ctx, data: None)  # type: ignore[arg-type,return-value]
+
+    async def one_param(ctx: MessageContext) -> None:
+        return None
+
+    with pytest.raises(TypeError, match="two parameters"):
+        hub.on("c")(one_param)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="1 to 128"):
+        hub.on("")(a)
+
+
+async def test_hook_failures_are_logged_not_raised(caplog: pytest.LogCaptureFixture) -> None:
+    hub = Hub()
+
+    @hub.on_disconnect
+    async def broken(conn: Connection) -> None:
+        raise RuntimeError("hook bug")
+
+    async with running(hub) as (peer, _):
+        await welcomed(peer)
+        await peer.transport.client_disconnect()
+        await wait_for(lambda: hub.stats().connections == 0)
+    assert "on_disconnect hook raised" in caplog.text
+    assert any(r.exc_info for r in caplog.records if r.levelno == logging.ERROR)
+
+
+async def test_plain_asgi_endpoint_answers_http_with_426() -> None:
+    import httpx
+
+    hub = Hub()
+    transport = httpx.ASGITransport(app=hub.asgi)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        response = await client.get("/")
+    assert response.status_code == 426
+    assert response.headers["upgrade"] == "websocket"
+
+
+async def test_fastapi_route_and_lifespan() -> None:
+    hub = Hub()
+
+    @hub.on("echo")
+    async def echo(ctx: MessageContext, data: Any) -> Any:
+        return data
+
+    app = FastAPI(lifespan=hub.lifespan)
+    app.add_api_websocket_route("/ws", hub.endpoint)
+
+    @app.websocket("/custom")  # (WebSocket must be importable from module globals)
+    async def custom(websocket: WebSocket) -> None:
+        await hub.endpoint(websocket)
+
+    async with serve(app) as url:
+        for path in ("/ws", "/custom"):
+            async with Player.connect(url + path) as player:
+                assert (await player.request("echo", {"a": 1}))["data"] == {"a": 1}
+
+
+async def test_asgi_app_serves_websockets_too() -> None:
+    from starlette.routing import Mount
+
+    hub = Hub()
+    app = hub_app(hub)
+    app.router.routes.append(Mount("/raw", app=hub.asgi))
+    async with serve(app) as url, Player.connect(url + "/raw/") as player:
+        assert player.welcome is not None
+
+
+async def test_asgi_app_alone_runs_its_own_lifespan() -> None:
+    hub = Hub()
+    async with serve(hub.asgi) as url, Player.connect(url + "/any/path") as player:
+        assert player.welcome is not None
+        assert hub.running
+    assert not hub.running
+
+
+async def test_a_binary_first_frame_is_a_bad_handshake() -> None:
+    hub = Hub()
+    async with running(hub, hello=False) as (peer, _):
+        await peer.transport.client_send(b"\x00\x01")
+        await closed(peer)
+    assert peer.close_code == CloseCode.BAD_REQUEST
+
+
+async def test_a_reply_that_cannot_be_encoded_is_an_error_not_a_crash() -> None:
+    hub = Hub()
+
+    @hub.on("weird")
+    async def weird(ctx: MessageContext, data: Any) -> object:
+        return object()
+
+    @hub.on("fine")
+    async def fine(ctx: MessageContext, data: Any) -> str:
+        return "ok"
+
+    async with running(hub) as (peer, _):
+        await welcomed(peer)
+        await peer.transport.client_send({"type": "msg", "event": "weird", "ref": 1})
+        await peer.transport.client_send({"type": "msg", "event": "fine", "ref": 2})
+        await wait_for(lambda: len(of_type(peer, "reply")) == 1)
+    assert of_type(peer, "error") == [{"type": "error", "ref": 1, "code": "internal",
+                                       "detail": "internal error"}]
+    assert hub.stats().handler_errors == 1
+
+
+async def test_reject_in_on_connect_closes_without_a_welcome() -> None:
+    hub = Hub()
+
+    @hub.on_connect
+    async def refuse(conn: Connection) -> None:
+        await conn.join("table")
+        await hub.publish("table", "joined", 1)
+        raise Reject(4503, "table full")
+
+    async with running(hub) as (peer, _):
+        await closed(peer)
+    assert peer.frames == []  # no welcome, no room traffic
+    assert peer.close_code == 4503
+    assert hub.stats().rooms == 0
