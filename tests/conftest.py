@@ -1,6 +1,11 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import settings
+
+# No per-example deadline: a loaded CI machine must not turn slow examples into failures.
+settings.register_profile("wsroom", deadline=None, print_blob=True)
+settings.load_profile("wsroom")
 
 
 @pytest.fixture(params=["asyncio", "trio"])

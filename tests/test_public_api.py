@@ -1,0 +1,27 @@
+"""The public API is what `wsroom.__all__` says, and the API reference documents exactly it."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import wsroom
+
+API_PAGE = Path(__file__).parents[1] / "docs" / "reference" / "api.md"
+
+
+def test_every_export_exists() -> None:
+    for name in wsroom.__all__:
+        assert hasattr(wsroom, name), name
+
+
+def test_the_api_reference_documents_exactly_the_exports() -> None:
+    documented = re.findall(r"^::: wsroom\.(\w+)\s*$", API_PAGE.read_text(), re.MULTILINE)
+    assert sorted(documented) == sorted(wsroom.__all__)
+    assert len(documented) == len(set(documented))
+
+
+def test_private_modules_stay_private() -> None:
+    public_modules = {name for name in dir(wsroom) if not name.startswith("_")
+                      and type(getattr(wsroom, name)).__name__ == "module"}
+    assert public_modules == set()
