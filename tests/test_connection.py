@@ -10,7 +10,17 @@ import pytest
 from trio.testing import MockClock
 
 from support import MemoryTransport, Peer, running
-from wsroom import CloseCode, Connection, Hub, HubConfig, MessageContext
+from wsroom import (
+    CloseCode,
+    Connection,
+    Handshake,
+    Hub,
+    HubConfig,
+    Identity,
+    MessageContext,
+    Policy,
+    RoomConfig,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -182,3 +192,122 @@ async def test_shutdown_flushes_then_closes_with_1012() -> None:
         assert [f["data"] for f in peer.frames if f["type"] == "msg"] == list(range(100))
         assert hub.stats().connections == 0
     transport.close_streams()
+
+
+class StallingTransport(MemoryTransport):
+    """After `stall` is set, send() and close() block forever: a peer whose TCP window
+    is full (it stopped reading, or vanished without FIN/RST with data in flight)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stall = anyio.Event()
+
+    async def send(self, text: str) -> None:
+        if self.stall.is_set():
+            await anyio.sleep_forever()
+        await super().send(text)
+
+    async def close(self, code: int, reason: str = "") -> None:
+        if self.stall.is_set():
+            await anyio.sleep_forever()
+        await super().close(code, reason)
+
+
+class SlowLinkTransport(MemoryTransport):
+    """A live client on a slow link: each frame takes len/bandwidth seconds to send."""
+
+    bandwidth = 50_000  # bytes/s
+
+    async def send(self, text: str) -> None:
+        await anyio.sleep(len(text) / self.bandwidth)
+        await super().send(text)
+
+
+async def test_a_flushing_close_to_a_stalled_peer_ends_within_close_timeout() -> None:
+    """Closes that flush (app close, Reject, error budget, idle, shutdown) stop
+    waiting for a peer that reads nothing after close_timeout: no ghost survives."""
+    hub = Hub(HubConfig(ping_interval=30, pong_timeout=10, close_timeout=10))
+    conns: list[Connection] = []
+
+    @hub.on_connect
+    async def join(conn: Connection) -> None:
+        conns.append(conn)
+        await conn.join("room")
+
+    transport = StallingTransport()
+    peer = Peer(transport)
+    async with hub.run(), anyio.create_task_group() as tg:
+        tg.start_soon(Connection(hub, transport)._run)
+        tg.start_soon(peer.pump)
+        await transport.client_send({"type": "hello", "v": 1})
+        while not peer.frames:
+            await anyio.sleep(0.01)
+        transport.stall.set()
+        await hub.publish("room", "e", 1)  # the writer is now stuck in send()
+        await anyio.sleep(1)
+        closed_at = anyio.current_time()
+        conns[0].close(4000, "game over")
+        with anyio.fail_after(60):
+            while hub.connections():
+                await anyio.sleep(0.5)
+        assert anyio.current_time() - closed_at <= 10.5
+        tg.cancel_scope.cancel()
+    transport.close_streams()
+    assert hub.stats().closes == {"app": 1}
+
+
+@pytest.mark.parametrize("where", ["authenticate", "on_connect"])
+async def test_slow_app_hooks_answer_1013_not_the_terminal_3502(where: str) -> None:
+    """The hello arrived at once; the app's hooks are slow (a slow database): the
+    client is told to try again later (1013), not 'no hello' (3502, terminal)."""
+
+    async def authenticate(handshake: Handshake) -> Identity | None:
+        if where == "authenticate":
+            await anyio.sleep(30)
+        return Identity(id="p1")
+
+    hub = Hub(HubConfig(handshake_timeout=10, hook_timeout=20), authenticate=authenticate)
+
+    @hub.on_connect
+    async def slow(conn: Connection) -> None:
+        if where == "on_connect":
+            await anyio.sleep(30)
+
+    async with running(hub) as (peer, _):
+        start = anyio.current_time()
+        with anyio.fail_after(100):
+            while peer.close_code is None:
+                await anyio.sleep(0.5)
+        assert peer.closed_at is not None
+        assert peer.closed_at - start == pytest.approx(20, abs=0.6)
+    assert peer.close_code == CloseCode.TRY_AGAIN_LATER
+    assert peer.frames == []
+
+
+async def test_a_live_slow_listener_in_a_drop_oldest_room_is_not_evicted() -> None:
+    """A listener on a 50 kB/s link, in a drop_oldest room fed at 60 kB/s, answering
+    every ping: pings jump the backlog, so it is never mistaken for a ghost."""
+    hub = Hub(HubConfig(ping_interval=30, pong_timeout=10,
+                        default_room=RoomConfig(policy=Policy.DROP_OLDEST)))
+
+    @hub.on_connect
+    async def join(conn: Connection) -> None:
+        await conn.join("cursors")
+
+    transport = SlowLinkTransport()
+    peer = Peer(transport)
+    async with hub.run(), anyio.create_task_group() as tg:
+        tg.start_soon(Connection(hub, transport)._run)
+        tg.start_soon(peer.pump)
+        await transport.client_send({"type": "hello", "v": 1})
+        pad = "c" * 1000
+        with anyio.move_on_after(300):
+            while peer.close_code is None:
+                for _ in range(6):
+                    await hub.publish("cursors", "move", pad)
+                await anyio.sleep(0.1)
+        tg.cancel_scope.cancel()
+    transport.close_streams()
+    assert peer.close_code is None, "a live client was evicted as a ghost"
+    assert peer.pings >= 9
+    assert hub.stats().discarded > 0  # it did fall behind: drop_oldest did its job

@@ -384,3 +384,194 @@ async def test_reject_in_on_connect_closes_without_a_welcome() -> None:
     assert peer.frames == []  # no welcome, no room traffic
     assert peer.close_code == 4503
     assert hub.stats().rooms == 0
+
+
+class GatedAcceptTransport(MemoryTransport):
+    """accept() waits for `gate`, or raises if `fail` (the client left mid-upgrade)."""
+
+    def __init__(self, fail: bool = False) -> None:
+        super().__init__()
+        self.gate = anyio.Event()
+        self.fail = fail
+
+    async def accept(self) -> bool:
+        await self.gate.wait()
+        if self.fail:
+            raise OSError("connection reset during the upgrade")
+        return await super().accept()
+
+
+class FailingSendTransport(MemoryTransport):
+    """send() fails once `broken` is set: the socket died under the writer."""
+
+    broken = False
+
+    async def send(self, text: str) -> None:
+        if self.broken:
+            raise OSError("broken pipe")
+        await super().send(text)
+
+
+async def test_shutdown_while_a_connection_is_being_accepted() -> None:
+    hub = Hub()
+    transport = GatedAcceptTransport()
+    peer = Peer(transport)
+    async with anyio.create_task_group() as tg:
+        async with hub.run():
+            tg.start_soon(Connection(hub, transport)._run)
+            tg.start_soon(peer.pump)
+            await wait_for(lambda: hub.stats().connections == 1)
+            async with anyio.create_task_group() as inner:
+                inner.start_soon(hub.shutdown)
+                await anyio.sleep(0.05)
+                transport.gate.set()
+        await closed(peer)
+    transport.close_streams()
+    assert peer.close_code == CloseCode.SERVICE_RESTART
+    assert hub.stats().closes == {"shutdown": 1}
+
+
+async def test_a_client_that_leaves_during_the_upgrade_is_released_quietly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    hub = Hub()
+    transport = GatedAcceptTransport(fail=True)
+    async with hub.run():
+        transport.gate.set()
+        await Connection(hub, transport)._run()  # returns, does not raise
+    transport.close_streams()
+    assert hub.stats().closes == {"client_closed": 1}
+    assert transport.close_code is None  # nothing sent on a socket never accepted
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_a_send_failure_evicts_exactly_once(caplog: pytest.LogCaptureFixture) -> None:
+    """The audit's failure 2 at the runtime level: the writer's send raises (the socket
+    died); the connection is evicted once, with a log line and a counted reason."""
+    caplog.set_level(logging.INFO, logger="wsroom")
+    hub = Hub()
+    gone: list[str] = []
+
+    @hub.on_connect
+    async def join(conn: Connection) -> None:
+        await conn.join("room")
+
+    @hub.on_disconnect
+    async def left(conn: Connection) -> None:
+        gone.append(conn.id)
+
+    transport = FailingSendTransport()
+    peer = Peer(transport)
+    async with hub.run(), anyio.create_task_group() as tg:
+        tg.start_soon(Connection(hub, transport)._run)
+        tg.start_soon(peer.pump)
+        await transport.client_send({"type": "hello", "v": 1})
+        await welcomed(peer)
+        transport.broken = True
+        await hub.publish("room", "e", 1)
+        await hub.publish("room", "e", 2)
+        await wait_for(lambda: hub.stats().connections == 0)
+        tg.cancel_scope.cancel()
+    transport.close_streams()
+    assert hub.stats().closes == {"send_failed": 1}
+    assert len(gone) == 1
+    assert len([r for r in caplog.records if ": closed, reason=send_failed" in r.getMessage()]
+               ) == 1
+    assert (hub.stats().rooms, hub.stats().members) == (0, 0)
+
+
+async def test_shutdown_called_from_a_handler_completes() -> None:
+    hub = Hub(HubConfig(shutdown_batch_size=1, shutdown_timeout=2))
+
+    @hub.on("stop-server")
+    async def stop(ctx: MessageContext, data: Any) -> None:
+        await ctx.hub.shutdown()
+
+    transports = [MemoryTransport() for _ in range(3)]
+    peers = [Peer(t) for t in transports]
+    async with anyio.create_task_group() as outer:
+        async with hub.run():
+            for transport, peer in zip(transports, peers, strict=True):
+                outer.start_soon(Connection(hub, transport)._run)
+                outer.start_soon(peer.pump)
+                await transport.client_send({"type": "hello", "v": 1})
+                await welcomed(peer)
+            await transports[0].client_send({"type": "msg", "event": "stop-server"})
+            for peer in peers:
+                await closed(peer)
+        assert hub.stats().connections == 0
+    for transport in transports:
+        transport.close_streams()
+    assert [p.close_code for p in peers] == [CloseCode.SERVICE_RESTART] * 3
+
+
+async def test_a_validator_bug_is_an_internal_error_not_a_crash() -> None:
+    from pydantic import field_validator
+
+    hub = Hub()
+
+    class Move(BaseModel):
+        square: str
+
+        @field_validator("square")
+        @classmethod
+        def known(cls, value: str) -> str:
+            return {"a1": "a1"}[value]  # KeyError: pydantic does not wrap it
+
+    @hub.on("move")
+    async def move(ctx: MessageContext, data: Move) -> str:
+        return data.square
+
+    async with running(hub) as (peer, _):
+        await welcomed(peer)
+        await peer.transport.client_send(
+            {"type": "msg", "event": "move", "data": {"square": "z9"}, "ref": 1})
+        await peer.transport.client_send(
+            {"type": "msg", "event": "move", "data": {"square": "a1"}, "ref": 2})
+        await wait_for(lambda: len(of_type(peer, "reply")) == 1)
+    assert [e["code"] for e in of_type(peer, "error")] == ["internal"]
+    assert of_type(peer, "reply")[0]["data"] == "a1"
+
+
+async def test_oversized_personal_messages_raise_and_oversized_replies_keep_their_ref(
+) -> None:
+    hub = Hub(HubConfig(max_queue_bytes=70_000))
+    outcomes: list[str] = []
+
+    @hub.on("big-send")
+    async def big_send(ctx: MessageContext, data: Any) -> None:
+        await ctx.connection.send("small", 1)
+        try:
+            await ctx.connection.send("big", "x" * 80_000)
+        except MessageTooLarge:
+            outcomes.append("raised")
+        await ctx.connection.send("small", 2)
+
+    @hub.on("big-reply")
+    async def big_reply(ctx: MessageContext, data: Any) -> str:
+        return "y" * 80_000
+
+    async with running(hub) as (peer, _):
+        await welcomed(peer)
+        await peer.transport.client_send({"type": "msg", "event": "big-send"})
+        await peer.transport.client_send({"type": "msg", "event": "big-reply", "ref": "r"})
+        await wait_for(lambda: len(of_type(peer, "error")) == 1)
+    assert outcomes == ["raised"]
+    assert [m["offset"] for m in of_type(peer, "msg")] == [1, 2]  # no gap
+    assert of_type(peer, "error")[0] == {"type": "error", "ref": "r", "code": "internal",
+                                        "detail": "reply too large"}
+
+
+async def test_a_handler_sending_many_personal_messages_does_not_overflow() -> None:
+    hub = Hub(HubConfig(max_queue_messages=50))
+
+    @hub.on("burst")
+    async def burst(ctx: MessageContext, data: Any) -> None:
+        for n in range(500):
+            await ctx.connection.send("n", n)
+
+    async with running(hub) as (peer, _):
+        await welcomed(peer)
+        await peer.transport.client_send({"type": "msg", "event": "burst"})
+        await wait_for(lambda: len(of_type(peer, "msg")) == 500)
+    assert peer.close_code is None

@@ -187,6 +187,12 @@ def test_push_control_bypasses_the_bounds_and_can_go_first() -> None:
     queue.push_control("ping")
     queue.push_control("welcome", front=True)
     assert queued(queue) == ["welcome", "m", "ping"]
+    queue.push_control("ping2", front=True)  # jumps the data, not the welcome
+    assert queued(queue) == ["welcome", "ping2", "m", "ping"]
+    queue.pop_batch(0)
+    queue.pop_batch(0)
+    assert queue.control_queued == 1
+    queue.push_control("welcome", front=True)
     assert queue.bytes == 4 + 4 + 7
     assert len(queue) == 3
     # The queue is over its bounds now: every regular push overflows until it drains.
@@ -384,7 +390,12 @@ class QueueMachine(RuleBasedStateMachine):
                                 control=True, front=front)
         before, bytes_before = queued(queue), queue.bytes
         queue.push_control(frame, front=front)
-        assert queued(queue) == ([frame, *before] if front else [*before, frame])
+        # front: ahead of all data, behind the control frames already at the front.
+        lead = 0
+        while lead < len(before) and self.meta[before[lead]].control:
+            lead += 1
+        expected = [*before[:lead], frame, *before[lead:]] if front else [*before, frame]
+        assert queued(queue) == expected
         assert queue.bytes == bytes_before + frame_size(frame)
 
     @rule(max_bytes=st.integers(0, 70))

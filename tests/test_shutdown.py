@@ -7,7 +7,7 @@ import contextlib
 import anyio
 import pytest
 
-from support import Player, spawn
+from support import Player, spawn, wait_for
 from wsroom import CloseCode
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
@@ -43,7 +43,7 @@ async def test_sigterm_drains_in_batches_flushes_and_exits_cleanly() -> None:
                 for player in players:
                     tg.start_soon(read_to_the_end, player)
                 tg.start_soon(read_to_the_end, observer)
-                await anyio.sleep(0.3)  # the drain has begun, the listener is still open
+                await wait_for(lambda: "draining before the server shuts down" in server.log())
                 async with Player.connect(url, hello=False) as late:
                     assert await late.until_closed() == CloseCode.TRY_AGAIN_LATER
         with anyio.fail_after(30):

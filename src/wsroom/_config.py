@@ -39,7 +39,7 @@ class HubConfig:
         ping_interval: seconds between application-level pings.
         pong_timeout: seconds after a ping within which some frame must arrive,
             else the connection is closed with 3012.
-        handshake_timeout: seconds from accept to a valid `hello`, else 3502.
+        handshake_timeout: seconds from accept to the client's `hello`, else 3502.
         idle_timeout: seconds without an application message before closing with
             3511, or None (default) to keep idle clients.
         max_message_bytes: largest accepted client frame in bytes, checked before
@@ -57,7 +57,8 @@ class HubConfig:
         close_timeout: seconds allowed for handing the close frame to the server; a
             peer that reads nothing for that long (its TCP window is full) is dropped
             without one (it sees 1006, and reconnects as it would after 3008).
-        hook_timeout: seconds allowed for `on_disconnect` hooks.
+        hook_timeout: seconds allowed for `authenticate` plus the `on_connect` hooks
+            (else 1013, try again later), and for the `on_disconnect` hooks.
         shutdown_timeout: seconds a graceful shutdown may take in all.
         shutdown_batch_size: connections told to reconnect (1012) per batch during a
             graceful shutdown; batches are spread over half of `shutdown_timeout`.
@@ -77,7 +78,7 @@ class HubConfig:
     inbox_size: int = 16
     max_connections: int | None = None
     close_timeout: float = 10.0
-    hook_timeout: float = 5.0
+    hook_timeout: float = 10.0
     shutdown_timeout: float = 10.0
     shutdown_batch_size: int = 200
     default_room: RoomConfig = field(default_factory=RoomConfig)

@@ -30,6 +30,7 @@ the ``on_disconnect`` hooks run (bounded by ``hook_timeout``), one log line is w
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 from collections.abc import Awaitable, Hashable, Mapping
 from dataclasses import dataclass, field
@@ -42,7 +43,7 @@ from pydantic import ValidationError
 
 from ._budget import ErrorBudget
 from ._codes import CloseCode, ErrorCode
-from ._errors import ClientError, Reject, check_close
+from ._errors import ClientError, MessageTooLarge, Reject, check_close
 from ._handlers import MessageContext
 from ._heartbeat import Beat, Heartbeat
 from ._protocol import (
@@ -99,11 +100,14 @@ class Connection:
     """
 
     __slots__ = (
+        "_accepted",
         "_budget",
+        "_close_deadline",
         "_close_reason_text",
         "_close_sent",
         "_final_rooms",
         "_heartbeat",
+        "_hello",
         "_hub",
         "_inbox",
         "_inbox_send",
@@ -143,6 +147,9 @@ class Connection:
         self._join_positions: dict[str, tuple[str, int]] = {}
         self._final_rooms: frozenset[str] | None = None
         self._close_reason_text = ""
+        self._close_deadline = math.inf
+        self._accepted = False
+        self._hello = anyio.Event()
         self._close_sent = False
         self._peer_closed = False
         self._released = False
@@ -199,13 +206,24 @@ class Connection:
 
         Returns:
             False if the connection is closing and the message was not queued.
+
+        Raises:
+            MessageTooLarge: if the encoded frame exceeds ``max_queue_bytes``.
         """
         stream = self._inbox
         frame = msg_frame(stream.name, stream.epoch, stream.offset + 1, event, data)
-        if self._push_personal(frame):
+        size = frame_size(frame)
+        if size > self._queue.max_bytes:
+            raise MessageTooLarge(
+                f"a message of {size} bytes can never fit a client queue "
+                f"(max_queue_bytes={self._queue.max_bytes})"
+            )
+        queued = self._push_personal(frame, size)
+        if queued:
             stream.next_offset()
-            return True
-        return False
+        # Let the writer run: a handler sending in a tight loop must not starve it.
+        await anyio.lowlevel.checkpoint()
+        return queued
 
     def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         """Close the connection after flushing what is queued.
@@ -215,8 +233,7 @@ class Connection:
             reason: a short reason for the close frame.
         """
         check_close(code, reason)
-        self._close_reason_text = reason
-        self._request_close(CloseReason.APP, code)
+        self._request_close(CloseReason.APP, code, reason)
 
     # ----------------------------------------------------------- used by the hub
 
@@ -232,15 +249,10 @@ class Connection:
             self._hub._stats.discarded += self._queue.last_discarded
         self._wake()
 
-    def _push_personal(self, frame: str) -> bool:
+    def _push_personal(self, frame: str, size: int | None = None) -> bool:
+        """Queue a frame for this client only (reply, error, @inbox message)."""
         if self._sm.closing:
             return False
-        size = frame_size(frame)
-        if size > self._queue.max_bytes:
-            log.error("%s: dropping a personal frame of %d bytes (max_queue_bytes=%d)",
-                      self._tag(), size, self._queue.max_bytes)
-            frame = error_frame(ErrorCode.INTERNAL, "reply too large")
-            size = frame_size(frame)
         if self._queue.push(frame, size=size) is PushResult.OVERFLOW:
             self._request_close(CloseReason.SLOW_CONSUMER)
             return False
@@ -256,15 +268,25 @@ class Connection:
         member = self.identity.id if self.identity else "-"
         return f"conn={self.id} member={member}"
 
-    def _request_close(self, reason: CloseReason, code: int | None = None) -> None:
-        """Ask the writer to close the connection (first request wins)."""
+    def _request_close(self, reason: CloseReason, code: int | None = None,
+                       text: str = "") -> None:
+        """Ask the writer to close the connection (first request wins).
+
+        Without flush, the writer stops sending data at once (even mid-send to a peer
+        that does not read). With flush, it may write what is queued, but for no longer
+        than ``close_timeout`` in all, close frame included.
+        """
         if not self._sm.close(reason, code):
             return
+        self._close_reason_text = text
+        self._close_deadline = anyio.current_time() + self._hub.config.close_timeout
+        scope = self._send_scope
         if not self._sm.flush:
             self._queue.clear()
-            if self._send_scope is not None:
-                # The writer may be stuck sending to a peer that does not read.
-                self._send_scope.cancel()
+            if scope is not None:
+                scope.cancel()
+        elif scope is not None:
+            scope.deadline = self._close_deadline
         log.log(
             disposition(reason).log_level,
             "%s: closing, reason=%s code=%s", self._tag(), reason, self._sm.close_code,
@@ -290,11 +312,18 @@ class Connection:
         hub = self._hub
         rejection = hub._admit(self)
         try:
-            if not await self._transport.accept():
+            try:
+                accepted = await self._transport.accept()
+            except Exception as exc:  # e.g. the client left during the upgrade
+                log.info("%s: accept failed: %s", self._tag(), type(exc).__name__)
+                accepted = False
+            if not accepted:
                 self._peer_closed = True
                 self._sm.finish(CloseReason.CLIENT_CLOSED)
                 return
-            self._sm.accept()
+            self._accepted = True
+            if not self._sm.closing:  # a shutdown may have asked to close meanwhile
+                self._sm.accept()
             if rejection is not None:
                 self._request_close(rejection)
             send, receive = anyio.create_memory_object_stream[Msg](hub.config.inbox_size)
@@ -321,6 +350,24 @@ class Connection:
         tg.start_soon(self._dispatcher, inbox, name=f"wsroom dispatcher {self.id}")
 
     async def _writer(self) -> None:
+        failed = False
+        with anyio.CancelScope() as scope:
+            self._send_scope = scope
+            if self._sm.closing and self._sm.flush:
+                scope.deadline = self._close_deadline
+            failed = await self._write_queued()
+        self._send_scope = None
+        if failed or self._sm.state is ConnState.CLOSED:
+            return
+        await self._send_close()
+        self._finish(self._sm.reason or CloseReason.APP)
+
+    async def _write_queued(self) -> bool:
+        """Write queued frames until the connection closes; True if a send failed.
+
+        Runs inside the writer's cancel scope: a close without flush cancels it, a close
+        with flush gives it a deadline.
+        """
         queue = self._queue
         transport = self._transport
         config = self._hub.config
@@ -330,44 +377,34 @@ class Connection:
         while True:
             state = sm.state
             if state is ConnState.CLOSED:
-                return  # the peer is gone: nothing may be sent any more
+                return False  # the peer is gone: nothing may be sent any more
             if queue and self._welcomed.is_set() and (state is ConnState.OPEN or sm.flush):
-                pass  # send a batch below
+                frames = queue.pop_batch(batch_bytes)
+                try:
+                    await transport.send(frames[0] if len(frames) == 1 else "\n".join(frames))
+                except Exception as exc:
+                    log.warning("%s: send failed: %s", self._tag(), type(exc).__name__)
+                    self._finish(CloseReason.SEND_FAILED)
+                    return True
+                stats.frames_out += 1
+                stats.messages_out += len(frames)
             elif sm.closing:
-                break
+                return False
             else:
                 self._wakeup = anyio.Event()
                 await self._wakeup.wait()
                 self._wakeup = None
-                continue
-            frames = queue.pop_batch(batch_bytes)
-            payload = frames[0] if len(frames) == 1 else "\n".join(frames)
-            with anyio.CancelScope() as scope:
-                self._send_scope = scope
-                try:
-                    await transport.send(payload)
-                except Exception as exc:
-                    log.warning("%s: send failed: %s", self._tag(), type(exc).__name__)
-                    self._finish(CloseReason.SEND_FAILED)
-                    return
-                finally:
-                    self._send_scope = None
-            if not scope.cancelled_caught:
-                stats.frames_out += 1
-                stats.messages_out += len(frames)
-        await self._send_close()
-        self._finish(self._sm.reason or CloseReason.APP)
 
     async def _send_close(self) -> None:
         code = self._sm.close_code
         if code is None or self._peer_closed or self._close_sent:
             return
         self._close_sent = True  # attempted: never twice
-        timeout = self._hub.config.close_timeout
+        deadline = self._close_deadline
         if self._sm.reason is CloseReason.NO_PONG:
             # The peer is presumed dead: one second of slack, not a long linger.
-            timeout = min(timeout, 1.0)
-        with anyio.move_on_after(timeout):
+            deadline = min(deadline, anyio.current_time() + 1.0)
+        with anyio.move_on_at(deadline):
             try:
                 await self._transport.close(code, self._close_reason_text)
             except Exception as exc:
@@ -426,6 +463,7 @@ class Connection:
                 # Authenticate beside the reader, which keeps watching the socket: a
                 # client that vanishes mid-authentication is released at once.
                 handshake = frame
+                self._hello.set()
                 tg.start_soon(self._handshake, frame, name=f"wsroom handshake {self.id}")
             elif isinstance(frame, Pong):
                 if heartbeat is not None:
@@ -462,8 +500,7 @@ class Connection:
         try:
             return True, await hook
         except Reject as exc:
-            self._close_reason_text = exc.reason
-            self._request_close(CloseReason.APP, exc.code)
+            self._request_close(CloseReason.APP, exc.code, exc.reason)
         except Exception:
             log.exception("%s: %s raised", self._tag(), what)
             self._request_close(CloseReason.INTERNAL_ERROR)
@@ -487,10 +524,10 @@ class Connection:
             idle_timeout=hub.config.idle_timeout,
             now=anyio.current_time(),
         )
-        # Whatever on_connect queues (room traffic, personal messages) waits behind
-        # the welcome, which reports each stream's position before it.
-        streams = {INBOX: {"epoch": self._inbox.epoch, "offset": self._inbox.offset,
-                           "recovered": False}}
+        # Whatever is queued before the welcome (room traffic, personal messages) waits
+        # behind it; the welcome reports each stream's position before all of it. A
+        # new session has seen nothing of its inbox.
+        streams = {INBOX: {"epoch": self._inbox.epoch, "offset": 0, "recovered": False}}
         ok, _ = await self._guarded("on_connect hook", hub._on_connect(self))
         if not ok or self._sm.closing:
             return  # closed before the welcome: nothing queued is ever sent
@@ -510,10 +547,20 @@ class Connection:
         self._wake()
 
     async def _watchdog(self) -> None:
-        with anyio.move_on_after(self._hub.config.handshake_timeout):
+        config = self._hub.config
+        with anyio.move_on_after(config.handshake_timeout):
+            await self._hello.wait()
+        if not self._hello.is_set():
+            self._request_close(CloseReason.HANDSHAKE_TIMEOUT)
+            return
+        # authenticate and on_connect are the app's: a slow database is not the
+        # client's fault, so their bound answers "try again later".
+        with anyio.move_on_after(config.hook_timeout):
             await self._welcomed.wait()
         if not self._welcomed.is_set():
-            self._request_close(CloseReason.HANDSHAKE_TIMEOUT)
+            if not self._sm.closing:
+                log.warning("%s: authenticate/on_connect exceeded hook_timeout", self._tag())
+            self._request_close(CloseReason.HOOK_TIMEOUT)
             return
         heartbeat = self._heartbeat
         assert heartbeat is not None
@@ -521,7 +568,9 @@ class Connection:
             tick = heartbeat.poll(anyio.current_time())
             if tick.beat is Beat.PING:
                 if not self._queue.control_queued:  # else the last ping is still queued
-                    self._queue.push_control(ping_frame(tick.ping_id))
+                    # Ahead of the backlog: the pong deadline must measure the peer,
+                    # not how much the room has queued for it.
+                    self._queue.push_control(ping_frame(tick.ping_id), front=True)
                     self._wake()
             elif tick.beat is Beat.NO_PONG:
                 self._request_close(CloseReason.NO_PONG)
@@ -552,6 +601,12 @@ class Connection:
             except ValidationError as exc:
                 self._bad(ErrorCode.INVALID_DATA, safe_errors(exc), frame.ref)
                 return
+            except Exception:  # a validator of the app's model has a bug
+                hub._stats.handler_errors += 1
+                log.exception("%s: validating the data of event %r raised", self._tag(),
+                              frame.event)
+                self._bad(ErrorCode.INTERNAL, "internal error", frame.ref)
+                return
         ctx = MessageContext(hub, self, frame.event, frame.ref)
         try:
             scope_factory = hub._message_scope
@@ -565,8 +620,7 @@ class Connection:
             self._push_personal(error_frame(exc.code, exc.detail, frame.ref))
             return
         except Reject as exc:
-            self._close_reason_text = exc.reason
-            self._request_close(CloseReason.APP, exc.code)
+            self._request_close(CloseReason.APP, exc.code, exc.reason)
             return
         except Exception:
             hub._stats.handler_errors += 1
@@ -575,8 +629,15 @@ class Connection:
             self._bad(ErrorCode.INTERNAL, "internal error", frame.ref)
             return
         self._budget.success()
-        if reply is not None:
-            self._push_personal(reply)
+        if reply is None:
+            return
+        size = frame_size(reply)
+        if size > self._queue.max_bytes:
+            log.error("%s: the reply to event %r is %d bytes, over max_queue_bytes=%d",
+                      self._tag(), frame.event, size, self._queue.max_bytes)
+            reply = error_frame(ErrorCode.INTERNAL, "reply too large", frame.ref)
+            size = frame_size(reply)
+        self._push_personal(reply, size)
 
     async def _release(self) -> None:
         """Release everything the connection holds. Runs exactly once."""
@@ -584,7 +645,7 @@ class Connection:
             return
         self._released = True
         sm = self._sm
-        if not self._peer_closed and not self._close_sent and sm.state is not ConnState.CONNECTING:
+        if self._accepted and not self._peer_closed and not self._close_sent:
             # Ended by cancellation or a crash before the writer could close it.
             if sm.close_code is None and sm.reason is None:
                 sm.close(CloseReason.INTERNAL_ERROR)

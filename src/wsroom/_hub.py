@@ -28,6 +28,7 @@ from enum import Enum
 from typing import Any, TypeVar
 
 import anyio
+from anyio.abc import TaskGroup
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
@@ -153,6 +154,8 @@ class Hub:
         self._stats = _Counters()
         self._phase = _Phase.IDLE
         self._empty: anyio.Event | None = None
+        self._tg: TaskGroup | None = None
+        self._drained: anyio.Event | None = None
         self._asgi_app = _HubAsgi(self)
 
     # ------------------------------------------------------------ registration
@@ -305,6 +308,7 @@ class Hub:
         if self._phase is not _Phase.IDLE:
             raise RuntimeError(f"the hub is {self._phase.value}; a hub runs only once")
         async with anyio.create_task_group() as tg:
+            self._tg = tg
             self._phase = _Phase.RUNNING
             log.info("hub running")
             try:
@@ -328,10 +332,29 @@ class Hub:
 
     async def shutdown(self) -> None:
         """Drain: refuse new connections (1013), close the others with 1012 in
-        batches, flushing their queues, within ``shutdown_timeout``. Idempotent."""
-        if self._phase is not _Phase.RUNNING:
+        batches, flushing their queues, within ``shutdown_timeout``.
+
+        Idempotent: every caller waits for the same drain. It runs in the hub's task
+        group, so a handler may call it: the drain is not cancelled along with the
+        handler's own connection.
+        """
+        if self._tg is None or self._phase is _Phase.STOPPED:
             return
-        self._phase = _Phase.DRAINING
+        if self._drained is None:
+            self._drained = anyio.Event()
+            self._phase = _Phase.DRAINING
+            self._tg.start_soon(self._drain, name="wsroom drain")
+        await self._drained.wait()
+
+    async def _drain(self) -> None:
+        assert self._drained is not None
+        try:
+            with anyio.CancelScope(shield=True):
+                await self._drain_connections()
+        finally:
+            self._drained.set()
+
+    async def _drain_connections(self) -> None:
         config = self.config
         targets = list(self._connections.values())
         log.info("hub draining %d connection(s)", len(targets))
@@ -412,10 +435,10 @@ class Hub:
         if conn._sm.closing or conn._released:
             return
         config = None if self._room_config is None else self._room_config(room)
-        joined = self._rooms.join(
-            room, conn, config=config or self.config.default_room,
-            epoch=secrets.token_urlsafe(6),
-        )
+        # A new room starts a new stream: a new epoch.
+        epoch = "" if room in self._rooms else secrets.token_urlsafe(6)
+        joined = self._rooms.join(room, conn, config=config or self.config.default_room,
+                                  epoch=epoch)
         if joined and not conn._welcomed.is_set():
             stream = self._rooms.get(room).stream  # type: ignore[union-attr]
             conn._join_positions[room] = (stream.epoch, stream.offset)

@@ -211,14 +211,19 @@ class OutboundQueue:
 
         Args:
             frame: the encoded frame.
-            front: queue it ahead of everything else (the ``welcome``).
+            front: queue it ahead of all data, behind control frames already at the
+                front (a ``welcome`` stays first, a ``ping`` jumps the backlog).
         """
         item = _Item(frame, frame_size(frame), Policy.DISCONNECT, None, control=True)
-        self.control_queued += 1
+        items = self._items
         if front:
-            self._items.appendleft(item)
+            index = 0
+            while index < len(items) and items[index].control:
+                index += 1
+            items.insert(index, item)
         else:
-            self._items.append(item)
+            items.append(item)
+        self.control_queued += 1
         self._bytes += item.size
 
     def pop_batch(self, max_bytes: int) -> list[str]:

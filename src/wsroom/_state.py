@@ -49,6 +49,7 @@ class CloseReason(str, Enum):
     MESSAGE_TOO_BIG = "message_too_big"
     ERROR_BUDGET = "error_budget"
     HANDSHAKE_TIMEOUT = "handshake_timeout"
+    HOOK_TIMEOUT = "hook_timeout"
     BAD_HANDSHAKE = "bad_handshake"
     AUTH_FAILED = "auth_failed"
     IDLE_TIMEOUT = "idle_timeout"
@@ -94,6 +95,7 @@ _DISPOSITIONS: dict[CloseReason, Disposition] = {
     # Orderly ends: flush what is queued, then close.
     CloseReason.SHUTDOWN: Disposition(CloseCode.SERVICE_RESTART, True, _INFO),
     CloseReason.OVER_CAPACITY: Disposition(CloseCode.TRY_AGAIN_LATER, True, _WARNING),
+    CloseReason.HOOK_TIMEOUT: Disposition(CloseCode.TRY_AGAIN_LATER, True, _WARNING),
     CloseReason.INTERNAL_ERROR: Disposition(CloseCode.INTERNAL_ERROR, True, _ERROR),
     CloseReason.APP: Disposition(CloseCode.NORMAL, True, _INFO),
 }
