@@ -12,7 +12,7 @@ import os
 import random
 import sqlite3
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, closing
 from pathlib import Path
 from typing import Any
 
@@ -346,7 +346,7 @@ async def test_failure_06_one_database_session_per_message(tmp_path: Path) -> No
     on success and rolls back when the handler raises; the next message gets a fresh
     session."""
     db_path = tmp_path / "game.db"
-    with sqlite3.connect(db_path) as db:
+    with closing(sqlite3.connect(db_path)) as db:
         db.execute("create table rolls (player text, value int)")
     opened: list[int] = []
 
@@ -385,7 +385,7 @@ async def test_failure_06_one_database_session_per_message(tmp_path: Path) -> No
         assert (await player.request("roll", {"value": 4}))["data"] == 4
         invalid = await player.request("roll", {"value": 7})
         assert invalid["code"] == "invalid_data"
-    with sqlite3.connect(db_path) as db:
+    with closing(sqlite3.connect(db_path)) as db:
         values = [row[0] for row in db.execute("select value from rolls order by rowid")]
     assert values == [1, 2, 3, 4]  # the failed message's write was rolled back
     assert len(opened) == 5  # one session per handled message (not for invalid data)

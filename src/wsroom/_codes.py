@@ -59,6 +59,9 @@ class CloseCode(IntEnum):
     IDLE_TIMEOUT = 3511
     """No application message within `idle_timeout` (wsroom addition, see docs)."""
 
+    def __str__(self) -> str:  # the number, on every Python version
+        return str(self.value)
+
     @property
     def reconnect(self) -> bool:
         """Whether a client should reconnect (and resume) after this code."""

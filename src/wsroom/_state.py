@@ -165,7 +165,8 @@ class ConnectionStateMachine:
         self._go(_CLOSE)
         if first and self.state is ConnState.CLOSING:
             self.reason = reason
-            self.close_code = disposition(reason).code if code is None else code
+            chosen = disposition(reason).code if code is None else code
+            self.close_code = None if chosen is None else int(chosen)
             return True
         return False
 
