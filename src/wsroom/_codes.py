@@ -31,7 +31,8 @@ class CloseCode(IntEnum):
     SERVICE_RESTART = 1012
     """The server is restarting: reconnect (to another worker) and resume."""
     TRY_AGAIN_LATER = 1013
-    """The server is over capacity or draining: reconnect later."""
+    """The server is over capacity, draining, or its `authenticate`/`on_connect` hooks
+    exceeded ``hook_timeout``: reconnect later."""
 
     SLOW_CONSUMER = 3008
     """The client's outbound queue reached its bound: reconnect and resume."""
@@ -92,7 +93,8 @@ class ErrorCode(str, Enum):
     INVALID_DATA = "invalid_data"
     """The event's `data` failed the handler's validation."""
     INTERNAL = "internal"
-    """The handler raised; details are in the server log, never in the frame."""
+    """The handler (or its payload model's validator) raised, its reply could not be
+    encoded, or was too large; details are in the server log, never in the frame."""
 
     def __str__(self) -> str:
         return self.value

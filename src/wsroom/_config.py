@@ -54,12 +54,16 @@ class HubConfig:
             beyond it the reader waits (TCP backpressure to the client).
         max_connections: global cap on connections of this hub (1013 beyond it), or
             None for no cap.
-        close_timeout: seconds allowed for handing the close frame to the server; a
-            peer that reads nothing for that long (its TCP window is full) is dropped
-            without one (it sees 1006, and reconnects as it would after 3008).
+        close_timeout: seconds from a close request until the connection is released:
+            the flush (for closes that flush) and the close frame together; at most
+            1 s after a no-pong eviction. A peer that reads nothing for that long (its
+            TCP window is full) is dropped without a close frame (it sees 1006, and
+            reconnects as it would after 3008).
         hook_timeout: seconds allowed for `authenticate` plus the `on_connect` hooks
             (else 1013, try again later), and for the `on_disconnect` hooks.
-        shutdown_timeout: seconds a graceful shutdown may take in all.
+        shutdown_timeout: seconds for the graceful part of a shutdown; connections
+            still open then are cancelled, which takes at most
+            ``close_timeout + hook_timeout + 1`` more seconds.
         shutdown_batch_size: connections told to reconnect (1012) per batch during a
             graceful shutdown; batches are spread over half of `shutdown_timeout`.
         default_room: settings of rooms that `room_config` does not match.

@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-`Connection.run` is the whole life of one WebSocket, from the ASGI upgrade to the end;
+`Connection._run` is the whole life of one WebSocket, from the ASGI upgrade to the end;
 it never returns before everything the connection held is released.
 
 - The **writer** is the only task that sends on the socket. Everyone else (broadcasts,
@@ -16,13 +16,14 @@ it never returns before everything the connection held is released.
 - The **dispatcher** runs handlers one message at a time, each inside the app's
   per-message scope; a handler that raises costs an `error` frame and a unit of the
   error budget, never the connection's other tasks.
-- The **watchdog** enforces the handshake deadline, then drives the `Heartbeat`.
+- The **watchdog** enforces the handshake deadline (the ``hello``), then the app hooks'
+  deadline (``hook_timeout``: authenticate and on_connect), then drives the `Heartbeat`.
 
 Every way out funnels into two methods. `_request_close(reason)` records the first
 reason (the state machine keeps it), drops the queue unless the reason flushes, and
 wakes the writer, which sends the close frame (bounded by ``close_timeout``) and
 cancels the task group. `_finish(reason)` is for ends where nothing more can be sent
-(peer closed, socket error): it cancels the task group at once. `run`'s ``finally``
+(peer closed, socket error): it cancels the task group at once. `_run`'s ``finally``
 then calls `_release` exactly once: the hub forgets the connection, its rooms drop it,
 the ``on_disconnect`` hooks run (bounded by ``hook_timeout``), one log line is written.
 """
@@ -169,7 +170,8 @@ class Connection:
 
     @property
     def open(self) -> bool:
-        """True while the connection is welcomed and not closing."""
+        """True from a successful `authenticate` (``on_connect`` hooks see it open)
+        until the connection starts closing."""
         return self._sm.state is ConnState.OPEN
 
     @property

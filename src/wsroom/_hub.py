@@ -86,7 +86,8 @@ class HubStats:
         messages_out: messages written to clients.
         frames_out: WebSocket frames written (a batch counts once).
         discarded: messages discarded by `drop_oldest` or `coalesce` policies.
-        handler_errors: handler invocations that raised.
+        handler_errors: messages whose handler, or payload validator, raised (or whose
+            reply could not be encoded).
     """
 
     connections: int
