@@ -17,9 +17,11 @@ from wsroom import (
     ClientError,
     CloseCode,
     Connection,
+    Handshake,
     Hub,
     HubConfig,
     HubNotRunning,
+    Identity,
     MessageContext,
     MessageTooLarge,
     Policy,
@@ -575,3 +577,32 @@ async def test_a_handler_sending_many_personal_messages_does_not_overflow() -> N
         await peer.transport.client_send({"type": "msg", "event": "burst"})
         await wait_for(lambda: len(of_type(peer, "msg")) == 500)
     assert peer.close_code is None
+
+
+async def test_authenticate_reads_a_cookie_or_a_header_never_the_query_string() -> None:
+    seen: list[tuple[str | None, str | None, str]] = []
+
+    async def authenticate(handshake: Handshake) -> Identity | None:
+        request = handshake.request
+        seen.append((request.cookies.get("session"), request.headers.get("authorization"),
+                     str(request.url.query)))
+        if request.cookies.get("session") == "cookie-123":
+            return Identity(id="by-cookie")
+        if request.headers.get("authorization") == "Bearer header-456":
+            return Identity(id="by-header")
+        return None
+
+    hub = Hub(authenticate=authenticate)
+
+    @hub.on("whoami")
+    async def whoami(ctx: MessageContext, data: Any) -> str | None:
+        return ctx.connection.identity.id if ctx.connection.identity else None
+
+    async with serve(hub_app(hub)) as url:
+        async with Player.connect(url + "/ws", headers=[("Cookie", "session=cookie-123")]
+                                  ) as player:
+            assert (await player.request("whoami"))["data"] == "by-cookie"
+        async with Player.connect(url + "/ws",
+                                  headers=[("Authorization", "Bearer header-456")]) as player:
+            assert (await player.request("whoami"))["data"] == "by-header"
+    assert [query for _, _, query in seen] == ["", ""]
