@@ -366,9 +366,12 @@ class Peer:
 
 
 @asynccontextmanager
-async def running(hub: Hub, *, hello: bool = True, answer_pings: bool = True
+async def running(hub: Hub, *, hello: bool = True, answer_pings: bool = True,
+                  transport: MemoryTransport | None = None,
                   ) -> AsyncIterator[tuple[Peer, anyio.abc.TaskGroup]]:
-    transport = MemoryTransport()
+    """Run `hub` with one connection over `transport` (a new MemoryTransport by
+    default), its peer pumping frames; cancel everything on exit."""
+    transport = transport or MemoryTransport()
     peer = Peer(transport, answer_pings)
     async with hub.run(), anyio.create_task_group() as tg:
         tg.start_soon(Connection(hub, transport)._run)

@@ -235,11 +235,7 @@ async def test_a_flushing_close_to_a_stalled_peer_ends_within_close_timeout() ->
         await conn.join("room")
 
     transport = StallingTransport()
-    peer = Peer(transport)
-    async with hub.run(), anyio.create_task_group() as tg:
-        tg.start_soon(Connection(hub, transport)._run)
-        tg.start_soon(peer.pump)
-        await transport.client_send({"type": "hello", "v": 1})
+    async with running(hub, transport=transport) as (peer, _):
         while not peer.frames:
             await anyio.sleep(0.01)
         transport.stall.set()
@@ -251,8 +247,6 @@ async def test_a_flushing_close_to_a_stalled_peer_ends_within_close_timeout() ->
             while hub.connections():
                 await anyio.sleep(0.5)
         assert anyio.current_time() - closed_at <= 10.5
-        tg.cancel_scope.cancel()
-    transport.close_streams()
     assert hub.stats().closes == {"app": 1}
 
 
@@ -294,20 +288,13 @@ async def test_a_live_slow_listener_in_a_drop_oldest_room_is_not_evicted() -> No
     async def join(conn: Connection) -> None:
         await conn.join("cursors")
 
-    transport = SlowLinkTransport()
-    peer = Peer(transport)
-    async with hub.run(), anyio.create_task_group() as tg:
-        tg.start_soon(Connection(hub, transport)._run)
-        tg.start_soon(peer.pump)
-        await transport.client_send({"type": "hello", "v": 1})
+    async with running(hub, transport=SlowLinkTransport()) as (peer, _):
         pad = "c" * 1000
         with anyio.move_on_after(300):
             while peer.close_code is None:
                 for _ in range(6):
                     await hub.publish("cursors", "move", pad)
                 await anyio.sleep(0.1)
-        tg.cancel_scope.cancel()
-    transport.close_streams()
     assert peer.close_code is None, "a live client was evicted as a ghost"
     assert peer.pings >= 9
     assert hub.stats().discarded > 0  # it did fall behind: drop_oldest did its job

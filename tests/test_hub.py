@@ -463,18 +463,12 @@ async def test_a_send_failure_evicts_exactly_once(caplog: pytest.LogCaptureFixtu
         gone.append(conn.id)
 
     transport = FailingSendTransport()
-    peer = Peer(transport)
-    async with hub.run(), anyio.create_task_group() as tg:
-        tg.start_soon(Connection(hub, transport)._run)
-        tg.start_soon(peer.pump)
-        await transport.client_send({"type": "hello", "v": 1})
+    async with running(hub, transport=transport) as (peer, _):
         await welcomed(peer)
         transport.broken = True
         await hub.publish("room", "e", 1)
         await hub.publish("room", "e", 2)
         await wait_for(lambda: hub.stats().connections == 0)
-        tg.cancel_scope.cancel()
-    transport.close_streams()
     assert hub.stats().closes == {"send_failed": 1}
     assert len(gone) == 1
     assert len([r for r in caplog.records if ": closed, reason=send_failed" in r.getMessage()]
