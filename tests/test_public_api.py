@@ -21,7 +21,11 @@ def test_the_api_reference_documents_exactly_the_exports() -> None:
     assert len(documented) == len(set(documented))
 
 
-def test_private_modules_stay_private() -> None:
+def test_the_only_public_submodule_is_the_client() -> None:
+    import wsroom.client
+
     public_modules = {name for name in dir(wsroom) if not name.startswith("_")
                       and type(getattr(wsroom, name)).__name__ == "module"}
-    assert public_modules == set()
+    assert public_modules == {"client"}
+    assert set(wsroom.client.__all__) == {"Client", "ClientClosed", "Message",
+                                          "RequestError", "backoff_delay"}

@@ -1,0 +1,385 @@
+"""A reconnecting Python client for wsroom servers (AnyIO; ``pip install 'wsroom[client]'``).
+
+Theory of operation
+-------------------
+`Client` runs one background task (inside ``async with``) that owns the socket: it
+connects, sends the ``hello`` (with the stored stream positions), answers pings,
+and routes frames: ``msg`` frames to the message stream (after dropping duplicates by
+``(stream, epoch, offset)``), ``reply``/``error`` frames to pending requests. When the
+connection ends with a code that means "reconnect" (1001, 1006, 1011-1013,
+3000-3499, 4000-4499) it waits a full-jitter backoff (0.5 s doubling up to 20 s) and
+connects again; any other code is terminal and ends the client. A server that sends
+nothing for ``ping_interval + pong_timeout`` (as announced in its ``welcome``) is
+presumed dead: the client drops the socket and reconnects. A gap in a stream's offsets
+is treated the same way, so that the next ``hello`` can ask for what is missing.
+
+Resume with replay is negotiated by the server (see the recovery docs when it lands);
+until then, every reconnect is a new session whose ``welcome`` says
+``recovered: false`` for each stream and the client takes the new positions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from ._codes import should_reconnect
+from ._wsclient import ConnectionClosed, HandshakeRejected, WebSocket, connect
+
+__all__ = ["Client", "ClientClosed", "Message", "RequestError", "backoff_delay"]
+
+log = logging.getLogger("wsroom.client")
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A message received on a stream."""
+
+    stream: str
+    epoch: str
+    offset: int
+    event: str
+    data: Any
+
+
+class ClientClosed(Exception):
+    """The client stopped for good: a terminal close code, or it was closed."""
+
+    def __init__(self, code: int, reason: str = "") -> None:
+        super().__init__(f"client closed: {code} {reason}".strip())
+        self.code = code
+        self.reason = reason
+
+
+class RequestError(Exception):
+    """The server answered a request with an ``error`` frame, or the connection was
+    lost before the reply (`code` ``"connection_lost"``)."""
+
+    def __init__(self, code: str, detail: str = "") -> None:
+        super().__init__(f"{code}: {detail}" if detail else code)
+        self.code = code
+        self.detail = detail
+
+
+def backoff_delay(attempt: int, *, base: float = 0.5, cap: float = 20.0,
+                  rng: random.Random | None = None) -> float:
+    """Full-jitter backoff: uniform in ``[0, min(cap, base * 2**attempt)]``."""
+    ceiling = min(cap, base * 2 ** min(attempt, 32))
+    return (rng or random).uniform(0.0, ceiling)
+
+
+class _Messages:
+    __slots__ = ("_inbox", "_stream")
+
+    def __init__(self, inbox: MemoryObjectReceiveStream[Message], stream: str | None) -> None:
+        self._inbox = inbox
+        self._stream = stream
+
+    def __aiter__(self) -> _Messages:
+        return self
+
+    async def __anext__(self) -> Message:
+        while True:
+            try:
+                message = await self._inbox.receive()
+            except (anyio.EndOfStream, anyio.ClosedResourceError):
+                raise StopAsyncIteration from None
+            if self._stream is None or message.stream == self._stream:
+                return message
+
+
+class _Pending:
+    __slots__ = ("done", "error", "result")
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.result: Any = None
+        self.error: RequestError | None = None
+
+
+class Client:
+    """A wsroom client that reconnects by itself.
+
+    Args:
+        url: the server's ``ws://`` URL.
+        auth: the ``auth`` value of every ``hello``.
+        headers: extra upgrade request headers (e.g. a cookie).
+        min_backoff: base of the full-jitter backoff, in seconds.
+        max_backoff: its cap, in seconds.
+        buffer: messages held for the application before the client stops reading
+            (the server then sees a slow consumer, which is the right signal).
+        rng: a random generator for the backoff (tests pass a seeded one).
+
+    Example:
+        ```python
+        async with Client("ws://127.0.0.1:8000/ws", auth={"name": "ann"}) as client:
+            await client.request("chat", {"text": "hi"})
+            async for message in client.messages():
+                print(message.event, message.data)
+        ```
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        auth: Any = None,
+        headers: Sequence[tuple[str, str]] = (),
+        min_backoff: float = 0.5,
+        max_backoff: float = 20.0,
+        buffer: int = 1024,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.url = url
+        self.auth = auth
+        self.headers = tuple(headers)
+        self.min_backoff = min_backoff
+        self.max_backoff = max_backoff
+        self._rng = rng or random.Random()
+        self.positions: dict[str, tuple[str, int]] = {}
+        """Last ``(epoch, offset)`` seen per stream."""
+        self.session: str | None = None
+        """The current session id (from the last ``welcome``)."""
+        self.connects = 0
+        """How many times a ``welcome`` was received."""
+        self.closed: ClientClosed | None = None
+        self._resume: str | None = None
+        self._ws: WebSocket | None = None
+        self._is_connected = False
+        self._changed = anyio.Event()  # set (and replaced) on every state change
+        self._pending: dict[str, _Pending] = {}
+        self._next_ref = 0
+        self._tg: TaskGroup | None = None
+        send, receive = anyio.create_memory_object_stream[Message](buffer)
+        self._inbox_send: MemoryObjectSendStream[Message] = send
+        self._inbox: MemoryObjectReceiveStream[Message] = receive
+
+    # ------------------------------------------------------------------ lifetime
+
+    async def __aenter__(self) -> Client:
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        self._tg.start_soon(self._run, name="wsroom client")
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> bool | None:
+        assert self._tg is not None
+        self._tg.cancel_scope.cancel()
+        try:
+            return await self._tg.__aexit__(exc_type, exc, tb)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._close()
+            self._inbox_send.close()
+            self._inbox.close()
+            if self.closed is None:
+                self.closed = ClientClosed(1000, "client closed")
+
+    @property
+    def connected(self) -> bool:
+        """True between a ``welcome`` and the end of that connection."""
+        return self._is_connected
+
+    async def wait_connected(self) -> None:
+        """Wait for a ``welcome``.
+
+        Raises:
+            ClientClosed: if the client stopped for good.
+        """
+        while not self._is_connected:
+            if self.closed is not None:
+                raise self.closed
+            await self._changed.wait()
+
+    def _set_connected(self, value: bool) -> None:
+        self._is_connected = value
+        changed, self._changed = self._changed, anyio.Event()
+        changed.set()
+
+    # ---------------------------------------------------------------- messaging
+
+    async def send(self, event: str, data: Any = None) -> None:
+        """Send an event (waits for a connection)."""
+        await self._send_frame({"type": "msg", "event": event, "data": data})
+
+    async def request(
+        self, event: str, data: Any = None, *, timeout: float = 30.0  # noqa: ASYNC109
+    ) -> Any:
+        """Send an event and wait for its ``reply``; return the reply's data.
+
+        Raises:
+            RequestError: on an ``error`` frame, or if the connection was lost first.
+            TimeoutError: if no answer came within `timeout` seconds.
+        """
+        self._next_ref += 1
+        ref = f"r{self._next_ref}"
+        pending = self._pending[ref] = _Pending()
+        try:
+            with anyio.fail_after(timeout):
+                await self._send_frame({"type": "msg", "event": event, "data": data,
+                                        "ref": ref})
+                await pending.done.wait()
+        finally:
+            self._pending.pop(ref, None)
+        if pending.error is not None:
+            raise pending.error
+        return pending.result
+
+    def messages(self, stream: str | None = None) -> AsyncIterator[Message]:
+        """Messages in order, each once; only `stream`'s if given. Ends when the
+        client stops. (A plain iterator, not an async generator: breaking out of an
+        ``async for`` over it leaves nothing to finalize.)"""
+        return _Messages(self._inbox, stream)
+
+    async def _send_frame(self, frame: dict[str, Any]) -> None:
+        while True:
+            await self.wait_connected()
+            ws = self._ws
+            if ws is None:
+                continue
+            try:
+                await ws.send(json.dumps(frame))
+                return
+            except ConnectionClosed:
+                await self._changed.wait()  # the reader notices and reconnects
+
+    # ------------------------------------------------------------- connection loop
+
+    async def _run(self) -> None:
+        attempt = 0
+        try:
+            while True:
+                code, reason = await self._connect_once()
+                if self._is_connected:
+                    attempt = 0
+                self._fail_pending()
+                if not should_reconnect(code):
+                    self.closed = ClientClosed(code, reason)
+                    self._set_connected(False)
+                    log.info("closed for good: %d", code)
+                    return
+                self._set_connected(False)
+                delay = backoff_delay(attempt, base=self.min_backoff, cap=self.max_backoff,
+                                      rng=self._rng)
+                attempt += 1
+                log.info("connection ended (%d); reconnecting in %.2fs", code, delay)
+                await anyio.sleep(delay)
+        finally:
+            self._inbox_send.close()
+
+    async def _connect_once(self) -> tuple[int, str]:
+        """One connection: returns the close code (1006 when lost)."""
+        try:
+            ws = await connect(self.url, headers=self.headers)
+        except HandshakeRejected as exc:
+            return (1006 if exc.status >= 500 else 1008), exc.reason
+        except (OSError, TimeoutError, ConnectionClosed) as exc:
+            log.info("connect failed: %s", type(exc).__name__)
+            return 1006, "connect failed"
+        self._ws = ws
+        try:
+            hello: dict[str, Any] = {"type": "hello", "v": 1}
+            if self.auth is not None:
+                hello["auth"] = self.auth
+            if self._resume is not None:
+                hello["resume"] = self._resume
+            if self.positions:
+                hello["streams"] = {name: {"epoch": epoch, "offset": offset}
+                                    for name, (epoch, offset) in self.positions.items()}
+            await ws.send(json.dumps(hello))
+            await self._read(ws)
+        except ConnectionClosed as closed:
+            return closed.code, closed.reason
+        finally:
+            await self._drop()
+        return 1006, "dropped"
+
+    async def _read(self, ws: WebSocket) -> None:
+        silence = 30.0  # until the welcome announces the server's heartbeat
+        while True:
+            with anyio.move_on_after(silence) as scope:
+                raw = await ws.recv()
+            if scope.cancelled_caught:
+                log.warning("no frame from the server for %.1fs: reconnecting", silence)
+                return
+            if not isinstance(raw, str):
+                continue
+            for line in raw.split("\n"):
+                frame = json.loads(line)
+                kind = frame.get("type")
+                if kind == "ping":
+                    await ws.send(json.dumps({"type": "pong", "id": frame["id"]}))
+                elif kind == "msg":
+                    if not await self._on_msg(frame):
+                        return  # a gap: reconnect and ask again
+                elif kind in ("reply", "error"):
+                    self._on_answer(frame)
+                elif kind == "welcome":
+                    silence = float(frame["ping_interval"]) + float(frame["pong_timeout"])
+                    self._on_welcome(frame)
+
+    def _on_welcome(self, frame: dict[str, Any]) -> None:
+        self.session = frame.get("session")
+        self._resume = frame.get("resume")
+        for name, position in frame.get("streams", {}).items():
+            known = self.positions.get(name)
+            if position.get("recovered") and known and known[0] == position["epoch"]:
+                continue  # replay follows: keep our position to dedupe against it
+            self.positions[name] = (position["epoch"], int(position["offset"]))
+        self.connects += 1
+        self._set_connected(True)
+
+    async def _on_msg(self, frame: dict[str, Any]) -> bool:
+        stream, epoch, offset = frame["stream"], frame["epoch"], int(frame["offset"])
+        known = self.positions.get(stream)
+        if known is not None and known[0] == epoch:
+            if offset <= known[1]:
+                return True  # a duplicate
+            if offset != known[1] + 1:
+                log.warning("gap in stream %r: %d after %d", stream, offset, known[1])
+                return False
+        self.positions[stream] = (epoch, offset)
+        await self._inbox_send.send(
+            Message(stream, epoch, offset, frame.get("event", ""), frame.get("data")))
+        return True
+
+    def _on_answer(self, frame: dict[str, Any]) -> None:
+        pending = self._pending.get(str(frame.get("ref")))
+        if pending is None:
+            if frame.get("type") == "error":
+                log.warning("server error: %s %s", frame.get("code"), frame.get("detail"))
+            return
+        if frame["type"] == "reply":
+            pending.result = frame.get("data")
+        else:
+            pending.error = RequestError(str(frame.get("code")), str(frame.get("detail", "")))
+        pending.done.set()
+
+    def _fail_pending(self) -> None:
+        for pending in self._pending.values():
+            if not pending.done.is_set():
+                pending.error = RequestError("connection_lost", "the connection ended")
+                pending.done.set()
+
+    async def _drop(self) -> None:
+        ws, self._ws = self._ws, None
+        if ws is not None and ws.closed is None:
+            with anyio.move_on_after(2, shield=True):
+                await ws.drop()
+
+    async def _close(self) -> None:
+        """Leave politely: a close frame (1000), then the socket."""
+        ws, self._ws = self._ws, None
+        if ws is not None and ws.closed is None:
+            with anyio.move_on_after(2, shield=True):
+                await ws.close(1000)

@@ -1,0 +1,201 @@
+"""wsroom.client against real servers: a wsroom hub, and scripted fake servers for the
+cases a correct server never produces (duplicates, gaps, silence)."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from starlette.types import Receive, Scope, Send
+
+from support import hub_app, serve, wait_for
+from wsroom import Connection, Handshake, Hub, HubConfig, Identity, MessageContext
+from wsroom.client import Client, ClientClosed, Message, RequestError, backoff_delay
+
+pytestmark = pytest.mark.anyio
+
+Script = Callable[[Callable[[Any], Awaitable[None]], int], Awaitable[None]]
+
+
+def scripted_server(script: Script) -> tuple[Callable[..., Awaitable[None]], list[dict]]:
+    """A raw ASGI WebSocket app: accepts, reads the hello, then runs `script(send,
+    connection_number)`; records every hello it got."""
+    hellos: list[dict[str, Any]] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await receive()
+            await send({"type": "lifespan.startup.complete"})
+            await receive()
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        await receive()  # websocket.connect
+        await send({"type": "websocket.accept"})
+        message = await receive()
+        hellos.append(json.loads(message["text"]))
+
+        async def send_frame(frame: Any) -> None:
+            text = frame if isinstance(frame, str) else json.dumps(frame)
+            await send({"type": "websocket.send", "text": text})
+
+        await script(send_frame, len(hellos))
+        while (await receive())["type"] != "websocket.disconnect":
+            pass  # read (and ignore) until the client leaves
+
+    return app, hellos
+
+
+def welcome(interval: float = 30, timeout: float = 10, **streams: int) -> dict[str, Any]:
+    return {"type": "welcome", "v": 1, "session": "s", "resume": None,
+            "ping_interval": interval, "pong_timeout": timeout,
+            "streams": {name: {"epoch": "e", "offset": offset, "recovered": False}
+                        for name, offset in streams.items()}}
+
+
+def msg(offset: int, stream: str = "room") -> dict[str, Any]:
+    return {"type": "msg", "stream": stream, "epoch": "e", "offset": offset, "event": "n",
+            "data": offset}
+
+
+async def take(client: Client, count: int) -> list[Message]:
+    got: list[Message] = []
+    with anyio.fail_after(10):
+        async for message in client.messages():
+            got.append(message)
+            if len(got) == count:
+                break
+    return got
+
+
+async def test_requests_replies_and_room_messages_from_a_hub() -> None:
+    hub = Hub()
+
+    @hub.on_connect
+    async def join(conn: Connection) -> None:
+        await conn.join("lobby")
+
+    @hub.on("say")
+    async def say(ctx: MessageContext, data: str) -> str:
+        await ctx.publish("lobby", "said", data)
+        return data.upper()
+
+    async with serve(hub_app(hub)) as url, Client(url + "/ws") as client:
+        assert await client.request("say", "hi") == "HI"
+        with pytest.raises(RequestError) as error:
+            await client.request("nope")
+        assert error.value.code == "unknown_event"
+        [message] = await take(client, 1)
+        assert (message.stream, message.offset, message.data) == ("lobby", 1, "hi")
+        assert client.positions["lobby"][1] == 1
+
+
+async def test_duplicates_are_dropped_and_batches_unpacked() -> None:
+    async def script(send: Callable[[Any], Awaitable[None]], number: int) -> None:
+        await send(welcome(room=0))
+        await send(msg(1))
+        await send("\n".join(json.dumps(m) for m in (msg(2), msg(2), msg(1), msg(3))))
+
+    app, _ = scripted_server(script)
+    async with serve(app) as url, Client(url) as client:
+        assert [m.offset for m in await take(client, 3)] == [1, 2, 3]
+
+
+async def test_a_gap_makes_the_client_reconnect_with_its_positions() -> None:
+    async def script(send: Callable[[Any], Awaitable[None]], number: int) -> None:
+        await send(welcome(room=0 if number == 1 else 2))
+        if number == 1:
+            await send(msg(1))
+            await send(msg(2))
+            await send(msg(5))  # 3 and 4 are missing
+        else:
+            await send(msg(3))
+
+    app, hellos = scripted_server(script)
+    async with serve(app) as url, Client(url, min_backoff=0.01) as client:
+        assert [m.offset for m in await take(client, 3)] == [1, 2, 3]
+    assert len(hellos) == 2
+    assert hellos[1]["streams"] == {"room": {"epoch": "e", "offset": 2}}
+
+
+async def test_a_silent_server_is_left_after_ping_interval_plus_pong_timeout() -> None:
+    async def script(send: Callable[[Any], Awaitable[None]], number: int) -> None:
+        await send(welcome(interval=0.2, timeout=0.2))  # then never a ping
+
+    app, hellos = scripted_server(script)
+    async with serve(app) as url, Client(url, min_backoff=0.01) as client:
+        await wait_for(lambda: len(hellos) >= 3)
+        assert client.connects >= 2
+
+
+async def test_reconnect_codes_reconnect_and_terminal_codes_stop() -> None:
+    hub = Hub(HubConfig(ping_interval=5, pong_timeout=5))
+
+    @hub.on("bye")
+    async def bye(ctx: MessageContext, data: int) -> None:
+        ctx.connection.close(data)
+
+    async with serve(hub_app(hub)) as url, Client(url + "/ws", min_backoff=0.01) as client:
+        await client.wait_connected()
+        first = client.session
+        with pytest.raises(RequestError) as lost:
+            await client.request("bye", 4000)  # reconnect range: no reply, a new session
+        assert lost.value.code == "connection_lost"
+        await wait_for(lambda: client.connected and client.session != first)
+        await client.send("bye", 4500)  # terminal
+        await wait_for(lambda: client.closed is not None)
+        with pytest.raises(ClientClosed) as closed:
+            await client.wait_connected()
+        assert closed.value.code == 4500
+        assert client.connects == 2
+        assert [m async for m in client.messages()] == []  # the stream ended
+
+
+async def test_refused_credentials_are_terminal() -> None:
+    attempts: list[Any] = []
+
+    async def authenticate(handshake: Handshake) -> Identity | None:
+        attempts.append(handshake.auth)
+        return Identity(id="ann") if handshake.auth == "good" else None
+
+    hub = Hub(authenticate=authenticate)
+    async with serve(hub_app(hub)) as url:
+        async with Client(url + "/ws", auth="bad", min_backoff=0.01) as client:
+            with anyio.fail_after(5), pytest.raises(ClientClosed) as closed:
+                await client.wait_connected()
+            assert closed.value.code == 3500
+        async with Client(url + "/ws", auth="good") as client:
+            await client.wait_connected()
+    assert attempts == ["bad", "good"]
+
+
+async def test_an_unreachable_server_is_retried_with_backoff() -> None:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    async with Client(f"ws://127.0.0.1:{port}/ws", min_backoff=0.01, max_backoff=0.05) as client:
+        with anyio.move_on_after(0.5):
+            await client.wait_connected()
+        assert not client.connected
+        assert client.closed is None  # still trying
+
+
+@given(attempt=st.integers(0, 100), seed=st.integers(0, 2**32))
+def test_backoff_is_full_jitter_between_zero_and_the_capped_ceiling(attempt: int,
+                                                                    seed: int) -> None:
+    delay = backoff_delay(attempt, base=0.5, cap=20.0, rng=random.Random(seed))
+    assert 0.0 <= delay <= min(20.0, 0.5 * 2**attempt)
+
+
+def test_backoff_spreads_a_reconnect_storm() -> None:
+    rng = random.Random(7)
+    delays = [backoff_delay(10, rng=rng) for _ in range(1000)]
+    assert max(delays) <= 20.0
+    assert min(delays) < 1.0 < 19.0 < max(delays)  # spread over the whole range
