@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from starlette.types import Receive, Scope, Send
 
-from support import hub_app, serve, wait_for
+from support import current_backend, hub_app, serve, wait_for
 from wsroom import Connection, Handshake, Hub, HubConfig, Identity, MessageContext
 from wsroom.client import Client, ClientClosed, Message, RequestError, backoff_delay
 
@@ -23,9 +23,10 @@ pytestmark = pytest.mark.anyio
 Script = Callable[[Callable[[Any], Awaitable[None]], int], Awaitable[None]]
 
 
-def scripted_server(script: Script) -> tuple[Callable[..., Awaitable[None]], list[dict]]:
+def scripted_server(script: Script, disconnects: list[int] | None = None
+                    ) -> tuple[Callable[..., Awaitable[None]], list[dict]]:
     """A raw ASGI WebSocket app: accepts, reads the hello, then runs `script(send,
-    connection_number)`; records every hello it got."""
+    connection_number)`; records every hello it got (and disconnect codes)."""
     hellos: list[dict[str, Any]] = []
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
@@ -45,8 +46,10 @@ def scripted_server(script: Script) -> tuple[Callable[..., Awaitable[None]], lis
             await send({"type": "websocket.send", "text": text})
 
         await script(send_frame, len(hellos))
-        while (await receive())["type"] != "websocket.disconnect":
+        while (message := await receive())["type"] != "websocket.disconnect":
             pass  # read (and ignore) until the client leaves
+        if disconnects is not None:
+            disconnects.append(int(message.get("code", 1005)))
 
     return app, hellos
 
@@ -199,3 +202,22 @@ def test_backoff_spreads_a_reconnect_storm() -> None:
     delays = [backoff_delay(10, rng=rng) for _ in range(1000)]
     assert max(delays) <= 20.0
     assert min(delays) < 1.0 < 19.0 < max(delays)  # spread over the whole range
+
+
+async def test_leaving_the_context_closes_politely_with_1000() -> None:
+    async def script(send: Callable[[Any], Awaitable[None]], number: int) -> None:
+        await send(welcome())
+
+    codes: list[int] = []
+    app, hellos = scripted_server(script, codes)
+    async with serve(app) as url:
+        async with Client(url) as client:
+            await client.wait_connected()
+        await wait_for(lambda: len(codes) == 1)
+    assert len(hellos) == 1  # and it did not reconnect
+    assert client.closed is not None
+    assert client.closed.code == 1000  # the server answered our close frame
+    if current_backend() == "asyncio":
+        # uvicorn passes the client's code to the app (hypercorn always says 1006
+        # unless the app closed first).
+        assert codes == [1000]

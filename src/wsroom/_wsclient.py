@@ -148,6 +148,13 @@ class WebSocket:
             last = index == len(fragments) - 1
             await self._write(self._ws.send(TextMessage(data=fragment, message_finished=last)))
 
+    async def send_close(self, code: int = 1000, reason: str = "") -> None:
+        """Send a close frame without reading; the task that reads sees the answer."""
+        if self._closed is None:
+            with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError,
+                                     OSError, LocalProtocolError):
+                await self._write(self._ws.send(CloseConnection(code=code, reason=reason)))
+
     async def close(self, code: int = 1000, reason: str = "") -> None:
         """Send a close frame and wait (briefly) for the server's answer."""
         if self._closed is None:

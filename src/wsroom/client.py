@@ -155,6 +155,8 @@ class Client:
         self._resume: str | None = None
         self._ws: WebSocket | None = None
         self._is_connected = False
+        self._stopping = False
+        self._done = anyio.Event()
         self._changed = anyio.Event()  # set (and replaced) on every state change
         self._pending: dict[str, _Pending] = {}
         self._next_ref = 0
@@ -174,16 +176,23 @@ class Client:
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None, tb: TracebackType | None) -> bool | None:
         assert self._tg is not None
+        self._stopping = True
+        ws = self._ws
+        if ws is not None:
+            # Leave politely: a close frame; the reader sees the server's answer (1000,
+            # terminal) and the connection loop ends by itself.
+            with anyio.move_on_after(2, shield=True):
+                await ws.send_close(1000)
+                await self._done.wait()
         self._tg.cancel_scope.cancel()
         try:
             return await self._tg.__aexit__(exc_type, exc, tb)
         finally:
-            with anyio.CancelScope(shield=True):
-                await self._close()
             self._inbox_send.close()
             self._inbox.close()
-            if self.closed is None:
-                self.closed = ClientClosed(1000, "client closed")
+            if self.closed is None:  # the server did not answer our close frame
+                self.closed = (ClientClosed(1000, "client closed") if ws is None
+                               else ClientClosed(1006, "closed without the server's answer"))
 
     @property
     def connected(self) -> bool:
@@ -263,7 +272,7 @@ class Client:
                 if self._is_connected:
                     attempt = 0
                 self._fail_pending()
-                if not should_reconnect(code):
+                if self._stopping or not should_reconnect(code):
                     self.closed = ClientClosed(code, reason)
                     self._set_connected(False)
                     log.info("closed for good: %d", code)
@@ -276,6 +285,7 @@ class Client:
                 await anyio.sleep(delay)
         finally:
             self._inbox_send.close()
+            self._done.set()
 
     async def _connect_once(self) -> tuple[int, str]:
         """One connection: returns the close code (1006 when lost)."""
@@ -376,10 +386,3 @@ class Client:
         if ws is not None and ws.closed is None:
             with anyio.move_on_after(2, shield=True):
                 await ws.drop()
-
-    async def _close(self) -> None:
-        """Leave politely: a close frame (1000), then the socket."""
-        ws, self._ws = self._ws, None
-        if ws is not None and ws.closed is None:
-            with anyio.move_on_after(2, shield=True):
-                await ws.close(1000)
