@@ -188,6 +188,7 @@ async def test_an_unreachable_server_is_retried_with_backoff() -> None:
             await client.wait_connected()
         assert not client.connected
         assert client.closed is None  # still trying
+        assert 3 <= client.attempts <= 0.5 / 0.01 * 2 + 1  # retried, with backoff delays
 
 
 @given(attempt=st.integers(0, 100), seed=st.integers(0, 2**32))
@@ -221,3 +222,93 @@ async def test_leaving_the_context_closes_politely_with_1000() -> None:
         # uvicorn passes the client's code to the app (hypercorn always says 1006
         # unless the app closed first).
         assert codes == [1000]
+
+
+async def test_bad_frames_from_the_server_make_the_client_reconnect() -> None:
+    async def script(send: Callable[[Any], Awaitable[None]], number: int) -> None:
+        await send(welcome(room=0))
+        bad = ["not json", "[1, 2]", '{"type": "ping"}', json.dumps(msg(1)) + "\n"]
+        if number <= len(bad):
+            await send(bad[number - 1])
+        else:
+            await send(msg(1))
+
+    app, hellos = scripted_server(script)
+    async with serve(app) as url, Client(url, min_backoff=0.01) as client:
+        # the trailing newline of the 4th is fine: its message counts
+        [message] = await take(client, 1)
+        assert message.offset == 1
+    assert len(hellos) == 4
+
+
+async def test_a_request_made_while_disconnected_is_sent_on_the_next_connection() -> None:
+    ran: list[str] = []
+    hub = Hub(HubConfig(ping_interval=5, pong_timeout=5))
+
+    @hub.on("bye")
+    async def bye(ctx: MessageContext, data: Any) -> None:
+        ctx.connection.close(4000)
+
+    @hub.on("charge")
+    async def charge(ctx: MessageContext, data: Any) -> str:
+        ran.append("charge")
+        return "charged"
+
+    async with serve(hub_app(hub)) as url, Client(url + "/ws", min_backoff=0.3) as client:
+        await client.wait_connected()
+        await client.send("bye")
+        await wait_for(lambda: not client.connected)
+        assert await client.request("charge") == "charged"
+    assert ran == ["charge"]
+
+
+async def test_waiters_are_released_when_the_client_exits() -> None:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    outcome: list[str] = []
+    async with anyio.create_task_group() as tg:
+        async with Client(f"ws://127.0.0.1:{port}/ws", min_backoff=0.01) as client:
+
+            async def sender() -> None:
+                try:
+                    await client.send("x")
+                except ClientClosed:
+                    outcome.append("closed")
+
+            tg.start_soon(sender)
+            await anyio.sleep(0.1)
+        with anyio.fail_after(2):
+            await wait_for(lambda: outcome == ["closed"])
+
+
+async def test_an_error_in_the_body_propagates_unwrapped() -> None:
+    async def script(send: Callable[[Any], Awaitable[None]], number: int) -> None:
+        await send(welcome())
+
+    async def use(url: str) -> None:
+        async with Client(url) as client:
+            await client.wait_connected()
+            raise KeyError("mine")
+
+    app, _ = scripted_server(script)
+    async with serve(app) as url:
+        with pytest.raises(KeyError):
+            await use(url)
+
+
+async def test_a_server_that_welcomes_then_sheds_gets_growing_backoff() -> None:
+    async def script(send: Callable[[Any], Awaitable[None]], number: int) -> None:
+        await send(welcome())
+        raise RuntimeError("shed")  # the ASGI app fails: the server closes (1011)
+
+    app, hellos = scripted_server(script)
+    async with serve(app) as url, Client(url, min_backoff=0.05, max_backoff=5,
+                                         rng=random.Random(1)) as client:
+        await anyio.sleep(2)
+        connects = client.connects
+    # Without growth, a 0.05 s backoff would allow ~40 reconnects in 2 s.
+    assert 2 <= connects <= 12
+    assert len(hellos) == connects

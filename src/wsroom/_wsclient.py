@@ -140,6 +140,7 @@ class WebSocket:
             await self._write(self._ws.send(event))
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
             self._closed = _Closed(1006, "connection lost")
+            await self._stream.aclose()
             raise ConnectionClosed(1006, "connection lost") from exc
 
     async def send_fragments(self, fragments: Sequence[str]) -> None:

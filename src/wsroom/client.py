@@ -39,6 +39,10 @@ __all__ = ["Client", "ClientClosed", "Message", "RequestError", "backoff_delay"]
 
 log = logging.getLogger("wsroom.client")
 
+_STABLE_AFTER = 10.0
+"""Seconds a connection must last for the backoff to start over: a server that welcomes
+and then sheds the client (3008, 3013, 1013) must not get a reconnect storm."""
+
 
 @dataclass(frozen=True, slots=True)
 class Message:
@@ -78,29 +82,26 @@ def backoff_delay(attempt: int, *, base: float = 0.5, cap: float = 20.0,
 
 
 class _Messages:
-    __slots__ = ("_inbox", "_stream")
+    __slots__ = ("_inbox",)
 
-    def __init__(self, inbox: MemoryObjectReceiveStream[Message], stream: str | None) -> None:
+    def __init__(self, inbox: MemoryObjectReceiveStream[Message]) -> None:
         self._inbox = inbox
-        self._stream = stream
 
     def __aiter__(self) -> _Messages:
         return self
 
     async def __anext__(self) -> Message:
-        while True:
-            try:
-                message = await self._inbox.receive()
-            except (anyio.EndOfStream, anyio.ClosedResourceError):
-                raise StopAsyncIteration from None
-            if self._stream is None or message.stream == self._stream:
-                return message
+        try:
+            return await self._inbox.receive()
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            raise StopAsyncIteration from None
 
 
 class _Pending:
-    __slots__ = ("done", "error", "result")
+    __slots__ = ("done", "error", "result", "sent_on")
 
     def __init__(self) -> None:
+        self.sent_on = 0  # the connection number it was sent on (0: not yet)
         self.done = anyio.Event()
         self.result: Any = None
         self.error: RequestError | None = None
@@ -151,6 +152,11 @@ class Client:
         """The current session id (from the last ``welcome``)."""
         self.connects = 0
         """How many times a ``welcome`` was received."""
+        self.attempts = 0
+        """How many connections were attempted."""
+        self.welcome: dict[str, Any] | None = None
+        """The last ``welcome`` frame (its ``streams`` say what was recovered)."""
+        self._connection_number = 0
         self.closed: ClientClosed | None = None
         self._resume: str | None = None
         self._ws: WebSocket | None = None
@@ -174,7 +180,7 @@ class Client:
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None,
-                        exc: BaseException | None, tb: TracebackType | None) -> bool | None:
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
         assert self._tg is not None
         self._stopping = True
         ws = self._ws
@@ -184,15 +190,17 @@ class Client:
             with anyio.move_on_after(2, shield=True):
                 await ws.send_close(1000)
                 await self._done.wait()
+        if self.closed is None:  # no connection, or the server did not answer in time
+            self.closed = (ClientClosed(1000, "client closed") if ws is None
+                           else ClientClosed(1006, "closed without the server's answer"))
         self._tg.cancel_scope.cancel()
         try:
-            return await self._tg.__aexit__(exc_type, exc, tb)
+            # The body's own exception is not handed to the task group: it propagates
+            # unwrapped (no ExceptionGroup around the caller's error).
+            await self._tg.__aexit__(None, None, None)
         finally:
             self._inbox_send.close()
             self._inbox.close()
-            if self.closed is None:  # the server did not answer our close frame
-                self.closed = (ClientClosed(1000, "client closed") if ws is None
-                               else ClientClosed(1006, "closed without the server's answer"))
 
     @property
     def connected(self) -> bool:
@@ -218,7 +226,11 @@ class Client:
     # ---------------------------------------------------------------- messaging
 
     async def send(self, event: str, data: Any = None) -> None:
-        """Send an event (waits for a connection)."""
+        """Send an event (waits for a connection).
+
+        Raises:
+            ClientClosed: if the client stopped for good.
+        """
         await self._send_frame({"type": "msg", "event": event, "data": data})
 
     async def request(
@@ -227,7 +239,10 @@ class Client:
         """Send an event and wait for its ``reply``; return the reply's data.
 
         Raises:
-            RequestError: on an ``error`` frame, or if the connection was lost first.
+            RequestError: on an ``error`` frame, or if the connection it was sent on
+                was lost before the answer (``connection_lost``: the server may or may
+                not have handled it).
+            ClientClosed: if the client stopped for good.
             TimeoutError: if no answer came within `timeout` seconds.
         """
         self._next_ref += 1
@@ -235,8 +250,8 @@ class Client:
         pending = self._pending[ref] = _Pending()
         try:
             with anyio.fail_after(timeout):
-                await self._send_frame({"type": "msg", "event": event, "data": data,
-                                        "ref": ref})
+                frame = {"type": "msg", "event": event, "data": data, "ref": ref}
+                pending.sent_on = await self._send_frame(frame)
                 await pending.done.wait()
         finally:
             self._pending.pop(ref, None)
@@ -244,23 +259,26 @@ class Client:
             raise pending.error
         return pending.result
 
-    def messages(self, stream: str | None = None) -> AsyncIterator[Message]:
-        """Messages in order, each once; only `stream`'s if given. Ends when the
-        client stops. (A plain iterator, not an async generator: breaking out of an
-        ``async for`` over it leaves nothing to finalize.)"""
-        return _Messages(self._inbox, stream)
+    def messages(self) -> AsyncIterator[Message]:
+        """All messages, in order per stream, each once (``message.stream`` says
+        which); one sequence across reconnects. Ends when the client stops. (A plain
+        iterator, not an async generator: breaking out of ``async for`` is safe.)"""
+        return _Messages(self._inbox)
 
-    async def _send_frame(self, frame: dict[str, Any]) -> None:
+    async def _send_frame(self, frame: dict[str, Any]) -> int:
+        """Send on the current connection (waiting for one); return its number."""
         while True:
             await self.wait_connected()
-            ws = self._ws
-            if ws is None:
-                continue
-            try:
-                await ws.send(json.dumps(frame))
-                return
-            except ConnectionClosed:
-                await self._changed.wait()  # the reader notices and reconnects
+            ws, number = self._ws, self._connection_number
+            if ws is not None:
+                try:
+                    await ws.send(json.dumps(frame))
+                    return number
+                except ConnectionClosed:
+                    pass
+            # The connection is ending: wait until the reader has noticed.
+            while self._is_connected and self._connection_number == number:
+                await self._changed.wait()
 
     # ------------------------------------------------------------- connection loop
 
@@ -268,35 +286,42 @@ class Client:
         attempt = 0
         try:
             while True:
-                code, reason = await self._connect_once()
-                if self._is_connected:
-                    attempt = 0
-                self._fail_pending()
+                code, reason, lasted = await self._connect_once()
+                if lasted >= _STABLE_AFTER:
+                    attempt = 0  # a connection that held resets the backoff
                 if self._stopping or not should_reconnect(code):
                     self.closed = ClientClosed(code, reason)
-                    self._set_connected(False)
                     log.info("closed for good: %d", code)
                     return
-                self._set_connected(False)
                 delay = backoff_delay(attempt, base=self.min_backoff, cap=self.max_backoff,
                                       rng=self._rng)
                 attempt += 1
                 log.info("connection ended (%d); reconnecting in %.2fs", code, delay)
                 await anyio.sleep(delay)
         finally:
+            if self.closed is None:
+                self.closed = ClientClosed(1000, "client closed")
+            self._fail_pending(None)
+            self._set_connected(False)  # wakes every waiter: they see `closed`
             self._inbox_send.close()
             self._done.set()
 
-    async def _connect_once(self) -> tuple[int, str]:
-        """One connection: returns the close code (1006 when lost)."""
+    async def _connect_once(self) -> tuple[int, str, float]:
+        """One connection: the close code (1006 when lost), reason, and for how long
+        it was welcomed."""
+        self.attempts += 1
         try:
             ws = await connect(self.url, headers=self.headers)
         except HandshakeRejected as exc:
-            return (1006 if exc.status >= 500 else 1008), exc.reason
-        except (OSError, TimeoutError, ConnectionClosed) as exc:
+            # 429 and 5xx: come back later; any other refusal of the upgrade is final.
+            retry = exc.status == 429 or exc.status >= 500
+            return (1013 if retry else 1008), exc.reason, 0.0
+        except Exception as exc:  # refused, reset, timed out, garbage HTTP...
             log.info("connect failed: %s", type(exc).__name__)
-            return 1006, "connect failed"
+            return 1006, "connect failed", 0.0
+        self._connection_number += 1
         self._ws = ws
+        welcomed_at: float | None = None
         try:
             hello: dict[str, Any] = {"type": "hello", "v": 1}
             if self.auth is not None:
@@ -307,52 +332,71 @@ class Client:
                 hello["streams"] = {name: {"epoch": epoch, "offset": offset}
                                     for name, (epoch, offset) in self.positions.items()}
             await ws.send(json.dumps(hello))
-            await self._read(ws)
+            welcomed_at = await self._read(ws)
+            code, reason = 1006, "dropped"
         except ConnectionClosed as closed:
-            return closed.code, closed.reason
+            code, reason = closed.code, closed.reason
         finally:
+            lasted = 0.0 if welcomed_at is None else anyio.current_time() - welcomed_at
+            if self._is_connected:
+                self._set_connected(False)
+            self._fail_pending(self._connection_number)
             await self._drop()
-        return 1006, "dropped"
+        return code, reason, lasted
 
-    async def _read(self, ws: WebSocket) -> None:
+    async def _read(self, ws: WebSocket) -> float | None:
+        """Read until the connection must be dropped (silence, a gap, a bad frame);
+        return when the welcome came. Raises ConnectionClosed when the server closes."""
         silence = 30.0  # until the welcome announces the server's heartbeat
+        welcomed_at: float | None = None
         while True:
             with anyio.move_on_after(silence) as scope:
                 raw = await ws.recv()
             if scope.cancelled_caught:
                 log.warning("no frame from the server for %.1fs: reconnecting", silence)
-                return
+                return welcomed_at
             if not isinstance(raw, str):
                 continue
             for line in raw.split("\n"):
-                frame = json.loads(line)
-                kind = frame.get("type")
-                if kind == "ping":
-                    await ws.send(json.dumps({"type": "pong", "id": frame["id"]}))
-                elif kind == "msg":
-                    if not await self._on_msg(frame):
-                        return  # a gap: reconnect and ask again
-                elif kind in ("reply", "error"):
-                    self._on_answer(frame)
-                elif kind == "welcome":
-                    silence = float(frame["ping_interval"]) + float(frame["pong_timeout"])
-                    self._on_welcome(frame)
+                if not line:
+                    continue
+                try:
+                    frame = json.loads(line)
+                    kind = frame["type"]
+                    if kind == "ping":
+                        await ws.send(json.dumps({"type": "pong", "id": frame["id"]}))
+                    elif kind == "msg":
+                        if not await self._on_msg(frame):
+                            return welcomed_at  # a gap: reconnect and ask again
+                    elif kind in ("reply", "error"):
+                        self._on_answer(frame)
+                    elif kind == "welcome":
+                        silence = float(frame["ping_interval"]) + float(frame["pong_timeout"])
+                        self._on_welcome(frame)
+                        welcomed_at = anyio.current_time()
+                except (ValueError, KeyError, TypeError, AttributeError):
+                    log.warning("a frame from the server is not valid: reconnecting")
+                    return welcomed_at
 
     def _on_welcome(self, frame: dict[str, Any]) -> None:
+        self.welcome = frame
         self.session = frame.get("session")
         self._resume = frame.get("resume")
         for name, position in frame.get("streams", {}).items():
             known = self.positions.get(name)
             if position.get("recovered") and known and known[0] == position["epoch"]:
                 continue  # replay follows: keep our position to dedupe against it
-            self.positions[name] = (position["epoch"], int(position["offset"]))
+            self.positions[name] = (str(position["epoch"]), int(position["offset"]))
         self.connects += 1
         self._set_connected(True)
 
     async def _on_msg(self, frame: dict[str, Any]) -> bool:
-        stream, epoch, offset = frame["stream"], frame["epoch"], int(frame["offset"])
+        stream, epoch, offset = frame["stream"], str(frame["epoch"]), int(frame["offset"])
         known = self.positions.get(stream)
-        if known is not None and known[0] == epoch:
+        if known is not None:
+            if known[0] != epoch:
+                log.warning("stream %r changed epoch without a welcome: reconnecting", stream)
+                return False
             if offset <= known[1]:
                 return True  # a duplicate
             if offset != known[1] + 1:
@@ -367,7 +411,7 @@ class Client:
         pending = self._pending.get(str(frame.get("ref")))
         if pending is None:
             if frame.get("type") == "error":
-                log.warning("server error: %s %s", frame.get("code"), frame.get("detail"))
+                log.warning("server error: %s", frame.get("code"))
             return
         if frame["type"] == "reply":
             pending.result = frame.get("data")
@@ -375,9 +419,12 @@ class Client:
             pending.error = RequestError(str(frame.get("code")), str(frame.get("detail", "")))
         pending.done.set()
 
-    def _fail_pending(self) -> None:
+    def _fail_pending(self, connection: int | None) -> None:
+        """Fail the requests sent on `connection` (all of them if None): their answer
+        can no longer come. Requests not sent yet wait for the next connection."""
         for pending in self._pending.values():
-            if not pending.done.is_set():
+            if not pending.done.is_set() and (connection is None
+                                              or pending.sent_on == connection):
                 pending.error = RequestError("connection_lost", "the connection ended")
                 pending.done.set()
 
