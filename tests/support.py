@@ -346,7 +346,15 @@ class Peer:
         self.frames: list[dict[str, Any]] = []
         self.close_code: int | None = None
         self.closed_at: float | None = None
+        self.closed = anyio.Event()
         self.pings = 0
+
+    async def wait_closed(self, timeout: float = 10) -> int:
+        """Wait for the server's close; return its code."""
+        with anyio.fail_after(timeout):
+            await self.closed.wait()
+        assert self.close_code is not None
+        return self.close_code
 
     async def pump(self) -> None:
         """Read server frames until the close; answer pings if enabled."""
@@ -354,6 +362,7 @@ class Peer:
             if isinstance(item, Disconnected):
                 self.close_code = item.code
                 self.closed_at = anyio.current_time()
+                self.closed.set()
                 return
             for line in item.split("\n"):
                 frame = json.loads(line)

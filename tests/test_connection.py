@@ -35,9 +35,7 @@ async def test_silent_peer_is_evicted_within_interval_plus_timeout() -> None:
     hub = Hub(config)
     async with running(hub, answer_pings=False) as (peer, _):
         start = anyio.current_time()
-        with anyio.fail_after(1000):
-            while peer.close_code is None:
-                await anyio.sleep(1)
+        await peer.wait_closed(1000)
     assert peer.close_code == CloseCode.NO_PONG
     assert peer.closed_at is not None
     elapsed = peer.closed_at - start
@@ -59,9 +57,7 @@ async def test_handshake_timeout_closes_with_3502() -> None:
     hub = Hub(HubConfig(handshake_timeout=10))
     async with running(hub, hello=False) as (peer, _):
         start = anyio.current_time()
-        with anyio.fail_after(100):
-            while peer.close_code is None:
-                await anyio.sleep(1)
+        await peer.wait_closed(100)
     assert peer.close_code == CloseCode.HANDSHAKE_TIMEOUT
     assert peer.closed_at is not None
     assert peer.closed_at - start == pytest.approx(10, abs=0.01)
@@ -81,9 +77,7 @@ async def test_idle_timeout_closes_with_3511_but_messages_reset_it() -> None:
             await anyio.sleep(200)
             await peer.transport.client_send({"type": "msg", "event": "poke"})
         assert peer.close_code is None
-        with anyio.fail_after(1000):
-            while peer.close_code is None:
-                await anyio.sleep(1)
+        await peer.wait_closed(1000)
         assert peer.close_code == CloseCode.IDLE_TIMEOUT
         assert peer.closed_at is not None
         assert peer.closed_at - start == pytest.approx(1300, abs=1)
@@ -269,9 +263,7 @@ async def test_slow_app_hooks_answer_1013_not_the_terminal_3502(where: str) -> N
 
     async with running(hub) as (peer, _):
         start = anyio.current_time()
-        with anyio.fail_after(100):
-            while peer.close_code is None:
-                await anyio.sleep(0.5)
+        await peer.wait_closed(100)
         assert peer.closed_at is not None
         assert peer.closed_at - start == pytest.approx(20, abs=0.6)
     assert peer.close_code == CloseCode.TRY_AGAIN_LATER

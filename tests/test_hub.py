@@ -37,7 +37,7 @@ async def welcomed(peer: Peer) -> None:
 
 
 async def closed(peer: Peer) -> None:
-    await wait_for(lambda: peer.close_code is not None)
+    await peer.wait_closed()
 
 
 def of_type(peer: Peer, kind: str) -> list[dict[str, Any]]:

@@ -403,9 +403,9 @@ class Connection:
             return
         self._close_sent = True  # attempted: never twice
         deadline = self._close_deadline
-        if self._sm.reason is CloseReason.NO_PONG:
-            # The peer is presumed dead: one second of slack, not a long linger.
-            deadline = min(deadline, anyio.current_time() + 1.0)
+        wait = disposition(self._sm.reason).close_wait if self._sm.reason else None
+        if wait is not None:
+            deadline = min(deadline, anyio.current_time() + wait)
         with anyio.move_on_at(deadline):
             try:
                 await self._transport.close(code, self._close_reason_text)
@@ -456,7 +456,7 @@ class Connection:
                 if first:
                     self._request_close(CloseReason.BAD_HANDSHAKE)
                 else:
-                    self._bad(exc.code, exc.detail, exc.ref)
+                    self._bad(exc.code, exc.detail, None)
                 continue
             if first:
                 if not isinstance(frame, Hello):

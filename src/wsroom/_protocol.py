@@ -69,11 +69,10 @@ _client_frame: TypeAdapter[Hello | Pong | Msg] = TypeAdapter(ClientFrame)
 class BadFrame(Exception):
     """A client frame that is not valid JSON or not a frame of the contract."""
 
-    def __init__(self, code: ErrorCode, detail: str, ref: str | int | None = None) -> None:
+    def __init__(self, code: ErrorCode, detail: str) -> None:
         super().__init__(detail)
         self.code = code
         self.detail = detail
-        self.ref = ref
 
 
 # Messages of these error types quote the input; say what was expected instead.

@@ -72,6 +72,9 @@ class Disposition:
     flush: bool
     """Whether queued frames are written before the close frame."""
     log_level: int
+    close_wait: float | None = None
+    """Longest wait for the close frame to be handed over, if shorter than
+    ``close_timeout``."""
 
 
 _INFO, _WARNING, _ERROR = logging.INFO, logging.WARNING, logging.ERROR
@@ -84,7 +87,8 @@ _DISPOSITIONS: dict[CloseReason, Disposition] = {
     CloseReason.CANCELLED: Disposition(CloseCode.GOING_AWAY, False, _WARNING),
     # Faults of the peer or the network: close at once, the queue is worthless now
     # (a resuming client recovers it from history).
-    CloseReason.NO_PONG: Disposition(CloseCode.NO_PONG, False, _WARNING),
+    # The peer is presumed dead: one second of slack for the close frame, no linger.
+    CloseReason.NO_PONG: Disposition(CloseCode.NO_PONG, False, _WARNING, close_wait=1.0),
     CloseReason.SLOW_CONSUMER: Disposition(CloseCode.SLOW_CONSUMER, False, _WARNING),
     CloseReason.MESSAGE_TOO_BIG: Disposition(CloseCode.MESSAGE_TOO_BIG, False, _WARNING),
     CloseReason.ERROR_BUDGET: Disposition(CloseCode.ERROR_BUDGET, True, _WARNING),
