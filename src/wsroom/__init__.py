@@ -8,7 +8,9 @@ from ._config import HubConfig, RoomConfig
 from ._connection import Connection, Identity
 from ._errors import ClientError, HubNotRunning, MessageTooLarge, Reject, WsroomError
 from ._handlers import MessageContext
+from ._history import HistoryLimits
 from ._hub import Hub, HubStats
+from ._presence import PresenceEntry, PresenceStatus
 from ._queue import Policy
 from ._transport import Handshake
 
@@ -20,6 +22,7 @@ __all__ = (
     "Connection",
     "ErrorCode",
     "Handshake",
+    "HistoryLimits",
     "Hub",
     "HubConfig",
     "HubNotRunning",
@@ -28,6 +31,8 @@ __all__ = (
     "MessageContext",
     "MessageTooLarge",
     "Policy",
+    "PresenceEntry",
+    "PresenceStatus",
     "Reject",
     "RoomConfig",
     "WsroomError",

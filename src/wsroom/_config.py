@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 
+from ._history import HistoryLimits
 from ._queue import Policy
 
 __all__ = ["HubConfig", "RoomConfig"]
@@ -23,9 +25,15 @@ class RoomConfig:
     Attributes:
         policy: what happens when a member's outbound queue is full
             (see [backpressure](../topics/backpressure.md)).
+        history: how much of the room's stream is kept for replay on resume (see
+            [recovery](../topics/recovery.md)); the default covers a 2-minute outage
+            at 50 messages/s.
+        presence: send ``presence`` frames (roster and changes) to the room's members.
     """
 
     policy: Policy = Policy.DISCONNECT
+    history: HistoryLimits = field(default_factory=HistoryLimits)
+    presence: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "policy", Policy(self.policy))
@@ -66,6 +74,13 @@ class HubConfig:
             ``close_timeout + hook_timeout + 1`` more seconds.
         shutdown_batch_size: connections told to reconnect (1012) per batch during a
             graceful shutdown; batches are spread over half of `shutdown_timeout`.
+        resume_window: seconds a dropped client's session is kept (rooms held,
+            presence *away*) for it to resume with its token.
+        resume_secrets: secrets (at least 16 bytes each) that sign resume tokens; the
+            first signs, all verify (rotation). None: a random secret per hub, which
+            is right for one process; workers sharing a backplane need the same ones.
+        resume_token_ttl: seconds a resume token stays valid after its welcome.
+        inbox_history: how much of each session's ``@inbox`` stream is kept for replay.
         default_room: settings of rooms that `room_config` does not match.
     """
 
@@ -85,11 +100,21 @@ class HubConfig:
     hook_timeout: float = 10.0
     shutdown_timeout: float = 10.0
     shutdown_batch_size: int = 200
+    resume_window: float = 120.0
+    resume_secrets: Sequence[str | bytes] | None = None
+    resume_token_ttl: float = 24 * 3600.0
+    inbox_history: HistoryLimits = field(
+        default_factory=lambda: HistoryLimits(max_messages=1000, max_bytes=1024 * 1024))
     default_room: RoomConfig = field(default_factory=RoomConfig)
 
     def __post_init__(self) -> None:
         _positive(self, *(f.name for f in fields(self) if f.name not in
-                          ("batch_frames", "default_room")))
+                          ("batch_frames", "default_room", "resume_secrets",
+                           "inbox_history")))
+        if self.resume_secrets is not None:
+            if isinstance(self.resume_secrets, (str, bytes, bytearray)):
+                raise TypeError("resume_secrets is a list of secrets, e.g. [secret]")
+            object.__setattr__(self, "resume_secrets", tuple(self.resume_secrets))
         if self.max_message_bytes > self.max_queue_bytes:
             # Not strictly needed, but a reply as large as a request must fit.
             raise ValueError("max_queue_bytes must be at least max_message_bytes")

@@ -17,7 +17,18 @@ it never returns before everything the connection held is released.
   per-message scope; a handler that raises costs an `error` frame and a unit of the
   error budget, never the connection's other tasks.
 - The **watchdog** enforces the handshake deadline (the ``hello``), then the app hooks'
-  deadline (``hook_timeout``: authenticate and on_connect), then drives the `Heartbeat`.
+  deadline (``hook_timeout``: authenticate, on_connect and snapshots), then drives the
+  `Heartbeat`.
+
+The handshake attaches the connection to a session (a new one, or the one its resume
+token names) and then composes what the client gets first, race-free against
+messages published meanwhile: from the moment of attaching, deliveries are *buffered*
+(``_pending``); for each stream it reads what the client missed from the backplane's
+history (or, when that is impossible, takes the stream's position and the app's
+snapshot); then, synchronously, it merges the buffer behind that by offset (dropping
+duplicates, and refusing a hole), queues ``welcome``, the replay and the buffer, and
+goes live. From then on every delivery is checked against the stream's last offset:
+a duplicate is dropped, a hole closes the connection with 3010 so the client resumes.
 
 Every way out funnels into two methods. `_request_close(reason)` records the first
 reason (the state machine keeps it), drops the queue unless the reason flushes, and
@@ -33,7 +44,8 @@ from __future__ import annotations
 import logging
 import math
 import secrets
-from collections.abc import Awaitable, Hashable, Mapping
+from collections import deque
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -43,8 +55,8 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from pydantic import ValidationError
 
 from ._budget import ErrorBudget
-from ._codes import CloseCode, ErrorCode
-from ._errors import ClientError, MessageTooLarge, Reject, check_close
+from ._codes import CloseCode, ErrorCode, should_reconnect
+from ._errors import ClientError, Reject, check_close
 from ._handlers import MessageContext
 from ._heartbeat import Beat, Heartbeat
 from ._protocol import (
@@ -53,20 +65,21 @@ from ._protocol import (
     Msg,
     Pong,
     error_frame,
-    msg_frame,
     parse_client_frame,
     ping_frame,
     reply_frame,
     safe_errors,
+    snapshot_frame,
     welcome_frame,
 )
 from ._queue import OutboundQueue, Policy, PushResult, frame_size
-from ._rooms import Stream
 from ._state import CloseReason, ConnectionStateMachine, ConnState, disposition
+from ._tokens import ResumeClaims, TokenError
 from ._transport import Disconnected, Handshake, Transport
 
 if TYPE_CHECKING:
-    from ._hub import Hub
+    from ._backplane import Envelope
+    from ._hub import Hub, HubSession
 
 __all__ = ["Connection", "Identity", "INBOX"]
 
@@ -91,13 +104,34 @@ class Identity:
     info: Mapping[str, Any] = field(default_factory=dict)
 
 
+@dataclass(slots=True)
+class _StreamPlan:
+    """What a client gets first on one stream, decided during its handshake."""
+
+    wire: str
+    key: str
+    epoch: str
+    offset: int
+    """The position reported in the welcome (the client's own when recovered)."""
+    recovered: bool
+    frames: tuple[str, ...] = ()
+    """Replayed frames (recovered) or the snapshot frame (not recovered)."""
+    cut: int = 0
+    """The last offset covered by `frames` or the snapshot: buffered live messages
+    up to it are duplicates."""
+
+
 class Connection:
     """A client connection. Handlers reach it as ``ctx.connection``.
 
     Attributes:
-        id: the session id, random, unique per connection.
+        id: this connection's id, random, unique per connection (a resumed session
+            gets a new connection id, and keeps its `session` id).
         identity: the member, once authenticated (None before).
         state: a dict for the application's per-connection state.
+        meta: public metadata of this connection, shown in presence (e.g. a device
+            name); set it in ``authenticate``'s aftermath, i.e. an ``on_connect``
+            hook.
     """
 
     __slots__ = (
@@ -110,14 +144,19 @@ class Connection:
         "_heartbeat",
         "_hello",
         "_hub",
-        "_inbox",
         "_inbox_send",
-        "_join_positions",
         "_peer_closed",
+        "_peer_code",
+        "_pending",
+        "_pending_bytes",
+        "_positions",
         "_queue",
         "_released",
+        "_replay",
+        "_resumed",
         "_scope",
         "_send_scope",
+        "_session",
         "_sm",
         "_started_at",
         "_transport",
@@ -125,6 +164,7 @@ class Connection:
         "_welcomed",
         "id",
         "identity",
+        "meta",
         "state",
     )
 
@@ -139,13 +179,18 @@ class Connection:
         self._queue = OutboundQueue(config.max_queue_bytes, config.max_queue_messages)
         self._budget = ErrorBudget(config.error_budget)
         self._heartbeat: Heartbeat | None = None
-        self._inbox = Stream(INBOX, self.id)
         self._inbox_send: MemoryObjectSendStream[Msg] | None = None
         self._wakeup: anyio.Event | None = None
         self._welcomed = anyio.Event()
         self._scope: anyio.CancelScope | None = None
         self._send_scope: anyio.CancelScope | None = None
-        self._join_positions: dict[str, tuple[str, int]] = {}
+        self.meta: dict[str, Any] = {}
+        self._session: HubSession | None = None
+        self._resumed = False
+        self._pending: list[tuple[Envelope, Policy]] | None = None
+        self._pending_bytes = 0
+        self._positions: dict[str, int] = {}
+        self._replay: deque[str] = deque()
         self._final_rooms: frozenset[str] | None = None
         self._close_reason_text = ""
         self._close_deadline = math.inf
@@ -153,6 +198,7 @@ class Connection:
         self._hello = anyio.Event()
         self._close_sent = False
         self._peer_closed = False
+        self._peer_code = 1006
         self._released = False
         self._started_at = anyio.current_time()
 
@@ -175,11 +221,25 @@ class Connection:
         return self._sm.state is ConnState.OPEN
 
     @property
+    def session(self) -> str | None:
+        """The session id (stable across resumes), once authenticated."""
+        return None if self._session is None else self._session.id
+
+    @property
+    def resumed(self) -> bool:
+        """True if this connection resumed an existing session (its rooms are the
+        session's; ``on_connect`` hooks may join more)."""
+        return self._resumed
+
+    @property
     def rooms(self) -> frozenset[str]:
-        """Names of the rooms this connection is in (once it has ended: was in)."""
+        """Names of the rooms this connection's session is in (once the connection
+        has ended: the rooms its session was in then)."""
         if self._final_rooms is not None:
             return self._final_rooms
-        return self._hub._rooms.rooms_of(self)
+        if self._session is None:
+            return frozenset()
+        return self._hub._rooms.rooms_of(self._session)
 
     @property
     def queued_bytes(self) -> int:
@@ -203,29 +263,31 @@ class Connection:
         """Leave `room` (no-op if not a member)."""
         await self._hub._leave(self, room)
 
-    async def send(self, event: str, data: Any = None) -> bool:
-        """Send a message on this connection's personal stream (``@inbox``).
+    async def send(self, event: str, data: Any = None) -> int | None:
+        """Send a message on this connection's session inbox (the ``@inbox`` stream).
+
+        The inbox belongs to the session: if the connection drops, the message is
+        kept in the inbox's history and replayed when the client resumes.
 
         Returns:
-            False if the connection is closing and the message was not queued.
+            The message's offset in the inbox, or None if the session has ended (or
+                the connection was never authenticated).
 
         Raises:
             MessageTooLarge: if the encoded frame exceeds ``max_queue_bytes``.
         """
-        stream = self._inbox
-        frame = msg_frame(stream.name, stream.epoch, stream.offset + 1, event, data)
-        size = frame_size(frame)
-        if size > self._queue.max_bytes:
-            raise MessageTooLarge(
-                f"a message of {size} bytes can never fit a client queue "
-                f"(max_queue_bytes={self._queue.max_bytes})"
-            )
-        queued = self._push_personal(frame, size)
-        if queued:
-            stream.next_offset()
+        hub = self._hub
+        session = self._session
+        if session is None or hub._sessions.get(session.id) is not session:
+            await anyio.lowlevel.checkpoint()
+            return None
+        from ._hub import _inbox_key  # a cycle at import time otherwise
+
+        envelope = await hub._backplane.publish(
+            _inbox_key(session.id), INBOX, hub._payload(event, data, INBOX))
         # Let the writer run: a handler sending in a tight loop must not starve it.
         await anyio.lowlevel.checkpoint()
-        return queued
+        return envelope.offset
 
     def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         """Close the connection after flushing what is queued.
@@ -239,11 +301,38 @@ class Connection:
 
     # ----------------------------------------------------------- used by the hub
 
-    def _enqueue(self, frame: str, size: int, policy: Policy, key: Hashable | None) -> None:
-        """Queue a broadcast frame without awaiting anything (never blocks)."""
+    def _deliver(self, envelope: Envelope, policy: Policy) -> None:
+        """Queue a numbered message without awaiting anything (never blocks).
+
+        Before the welcome it is buffered for the handshake to merge; after it, a
+        message at or before the stream's last offset is a duplicate (dropped), and
+        one beyond the next offset means a hole: the client must resume (3010).
+        """
         if self._sm.closing:
             return
-        result = self._queue.push(frame, size=size, policy=policy, key=key)
+        pending = self._pending
+        if pending is not None:
+            pending.append((envelope, policy))
+            self._pending_bytes += envelope.size
+            if (len(pending) > self._queue.max_messages
+                    or self._pending_bytes > self._queue.max_bytes):
+                self._request_close(CloseReason.SLOW_CONSUMER)
+            return
+        last = self._positions.get(envelope.stream)
+        if last is not None:
+            if envelope.offset <= last:
+                return
+            if envelope.offset != last + 1:
+                log.warning("%s: stream offset %d after %d: closing so the client "
+                            "resumes", self._tag(), envelope.offset, last)
+                self._request_close(CloseReason.GAP)
+                return
+        self._positions[envelope.stream] = envelope.offset
+        self._enqueue(envelope, policy)
+
+    def _enqueue(self, envelope: Envelope, policy: Policy) -> None:
+        result = self._queue.push(envelope.frame, size=envelope.size, policy=policy,
+                                  key=envelope.key)
         if result is PushResult.OVERFLOW:
             self._request_close(CloseReason.SLOW_CONSUMER)
             return
@@ -285,6 +374,7 @@ class Connection:
         scope = self._send_scope
         if not self._sm.flush:
             self._queue.clear()
+            self._replay.clear()
             if scope is not None:
                 scope.cancel()
         elif scope is not None:
@@ -380,8 +470,13 @@ class Connection:
             state = sm.state
             if state is ConnState.CLOSED:
                 return False  # the peer is gone: nothing may be sent any more
-            if queue and self._welcomed.is_set() and (state is ConnState.OPEN or sm.flush):
-                frames = queue.pop_batch(batch_bytes)
+            if (queue or self._replay) and self._welcomed.is_set() and (
+                    state is ConnState.OPEN or sm.flush):
+                # The welcome and the replay go first, but a ping does not wait
+                # behind a long replay.
+                frames = (queue.pop_control() if queue.control_queued else None) or (
+                    self._pop_replay(batch_bytes) if self._replay
+                    else queue.pop_batch(batch_bytes))
                 try:
                     await transport.send(frames[0] if len(frames) == 1 else "\n".join(frames))
                 except Exception as exc:
@@ -396,6 +491,18 @@ class Connection:
                 self._wakeup = anyio.Event()
                 await self._wakeup.wait()
                 self._wakeup = None
+
+    def _pop_replay(self, max_bytes: int) -> list[str]:
+        replay = self._replay
+        out = [replay.popleft()]
+        total = frame_size(out[0])
+        while replay:
+            size = frame_size(replay[0])
+            if total + 1 + size > max_bytes:
+                break
+            out.append(replay.popleft())
+            total += 1 + size
+        return out
 
     async def _send_close(self) -> None:
         code = self._sm.close_code
@@ -426,6 +533,7 @@ class Connection:
                 return
             if isinstance(message, Disconnected):
                 self._peer_closed = True
+                self._peer_code = message.code
                 log.debug("%s: peer closed with %d", self._tag(), message.code)
                 self._finish(CloseReason.CLIENT_CLOSED)
                 return
@@ -468,12 +576,20 @@ class Connection:
                 self._hello.set()
                 tg.start_soon(self._handshake, frame, name=f"wsroom handshake {self.id}")
             elif isinstance(frame, Pong):
+                self._confirm()
                 if heartbeat is not None:
                     heartbeat.pong_received(frame.id, anyio.current_time())
             elif isinstance(frame, Msg):
+                self._confirm()
                 await self._to_dispatcher(frame)
             else:
                 self._bad(ErrorCode.BAD_FRAME, "hello was already received", None)
+
+    def _confirm(self) -> None:
+        """A frame after the welcome: the client holds the newest resume token."""
+        session = self._session
+        if session is not None and session.connection is self and self._welcomed.is_set():
+            session.confirm()
 
     async def _to_dispatcher(self, frame: Msg) -> None:
         heartbeat = self._heartbeat
@@ -510,15 +626,41 @@ class Connection:
 
     async def _handshake(self, hello: Hello) -> None:
         hub = self._hub
+        claims: ResumeClaims | None = None
+        if hello.resume is not None:
+            try:
+                claims = hub._signer.verify(hello.resume, hub._wall_clock())
+            except TokenError as exc:  # the token itself is never logged
+                log.info("%s: resume token refused: %s", self._tag(), exc.problem)
+                hub._stats.resumes["rejected"] += 1
+                self._request_close(CloseReason.RESUME_REJECTED)
+                return
         handshake = Handshake(self._transport.request, hello.auth)
+        anonymous = claims.member if claims is not None else secrets.token_urlsafe(12)
         ok, identity = await self._guarded(
-            "authenticate", hub._authenticate(handshake, anonymous_id=self.id))
+            "authenticate", hub._authenticate(handshake, anonymous_id=anonymous))
         if not ok or self._sm.closing:
             return
         if identity is None:
             self._request_close(CloseReason.AUTH_FAILED)
             return
+        if claims is not None and identity.id != claims.member:
+            log.info("%s: resume token of another member refused", self._tag())
+            hub._stats.resumes["rejected"] += 1
+            self._request_close(CloseReason.RESUME_REJECTED)
+            return
         self.identity = identity
+        # From the moment the session is attached, deliveries are buffered.
+        self._pending = []
+        opened = await hub._open_session(self, identity, claims)
+        if opened is None:
+            log.info("%s: stale resume token refused", self._tag())
+            self._request_close(CloseReason.RESUME_REJECTED)
+            return
+        session, self._resumed = opened
+        self._session = session
+        if self._sm.closing:
+            return
         self._sm.welcome()
         self._heartbeat = Heartbeat(
             ping_interval=hub.config.ping_interval,
@@ -526,25 +668,92 @@ class Connection:
             idle_timeout=hub.config.idle_timeout,
             now=anyio.current_time(),
         )
-        # Whatever is queued before the welcome (room traffic, personal messages) waits
-        # behind it; the welcome reports each stream's position before all of it. A
-        # new session has seen nothing of its inbox.
-        streams = {INBOX: {"epoch": self._inbox.epoch, "offset": 0, "recovered": False}}
         ok, _ = await self._guarded("on_connect hook", hub._on_connect(self))
         if not ok or self._sm.closing:
             return  # closed before the welcome: nothing queued is ever sent
-        for name in sorted(self.rooms):
-            epoch, offset = self._join_positions[name]
-            streams[name] = {"epoch": epoch, "offset": offset, "recovered": False}
-        self._join_positions.clear()
-        self._queue.push_control(
-            welcome_frame(
-                session=self.id, resume=None, ping_interval=hub.config.ping_interval,
-                pong_timeout=hub.config.pong_timeout, streams=streams,
-            ),
-            front=True,
-        )
-        log.info("%s: welcomed, rooms=%d", self._tag(), len(streams) - 1)
+        plans = await self._plan_streams(session, hello)
+        if plans is None or self._sm.closing:
+            return
+        self._go_live(session, plans, None if claims is None else claims.generation)
+
+    async def _plan_streams(self, session: HubSession, hello: Hello
+                            ) -> list[_StreamPlan] | None:
+        """Decide, per stream of the session, replay or snapshot (awaits the
+        backplane and the app's snapshot hook; deliveries are buffered meanwhile)."""
+        from ._hub import _inbox_key  # a cycle at import time otherwise
+
+        hub = self._hub
+        backplane = hub._backplane
+        asked = hello.streams if self._resumed else {}
+        streams = [(INBOX, _inbox_key(session.id))]
+        streams += [(room, room) for room in sorted(hub._rooms.rooms_of(session))]
+        plans = []
+        for wire, key in streams:
+            plan = None
+            position = asked.get(wire)
+            if position is not None:
+                found = await backplane.since(key, position.epoch, position.offset)
+                if found.recovered:
+                    plan = _StreamPlan(wire, key, found.epoch, position.offset, True,
+                                       found.frames, found.offset)
+            if plan is None:
+                epoch, offset = await backplane.position(key)
+                plan = _StreamPlan(wire, key, epoch, offset, False, (), offset)
+                if hub._snapshot_hook is not None:
+                    ok, data = await self._guarded("snapshot hook",
+                                                   hub._snapshot_hook(self, wire))
+                    if not ok:
+                        return None
+                    plan.frames = (snapshot_frame(wire, epoch, offset, data),)
+            plans.append(plan)
+            if self._sm.closing:
+                return None
+        return plans
+
+    def _go_live(self, session: HubSession, plans: list[_StreamPlan],
+                 presented: int | None) -> None:
+        """Merge the buffered deliveries behind the replay, queue the welcome, the
+        replay and the buffer, and go live. Synchronous: nothing interleaves."""
+        hub = self._hub
+        cuts = {plan.key: plan.cut for plan in plans}
+        live = []
+        for envelope, policy in self._pending or ():
+            cut = cuts.get(envelope.stream)
+            if cut is None or envelope.offset <= cut:
+                continue  # a stream left meanwhile, or a duplicate of the replay
+            if envelope.offset != cut + 1:
+                log.warning("%s: hole in a stream during the handshake", self._tag())
+                self._request_close(CloseReason.GAP)
+                return
+            cuts[envelope.stream] = envelope.offset
+            live.append((envelope, policy))
+        self._pending = None
+        self._pending_bytes = 0
+        self._positions = cuts
+        try:
+            token = hub._issue_token(session, presented)
+        except ValueError:
+            log.exception("%s: no resume token can be issued", self._tag())
+            self._request_close(CloseReason.INTERNAL_ERROR)
+            return
+        if self._resumed:
+            result = "recovered" if all(p.recovered for p in plans) else "not_recovered"
+            hub._stats.resumes[result] += 1
+        replay = self._replay
+        replay.append(welcome_frame(
+            session=session.id, resume=token, ping_interval=hub.config.ping_interval,
+            pong_timeout=hub.config.pong_timeout,
+            streams={p.wire: {"epoch": p.epoch, "offset": p.offset,
+                              "recovered": p.recovered} for p in plans},
+        ))
+        for plan in plans:
+            replay.extend(plan.frames)
+        replay.extend(hub._attach_presence(session, self))
+        for envelope, policy in live:
+            self._enqueue(envelope, policy)
+        replayed = sum(len(p.frames) for p in plans if p.recovered)
+        log.info("%s: welcomed, session=%s resumed=%s rooms=%d replayed=%d", self._tag(),
+                 session.id, self._resumed, len(plans) - 1, replayed)
         self._welcomed.set()
         self._wake()
 
@@ -655,8 +864,17 @@ class Connection:
         reason = sm.reason or CloseReason.CLIENT_CLOSED
         sm.finish(reason)
         self._queue.clear()
-        rooms = self._hub._detach(self, reason)
-        self._final_rooms = frozenset(rooms)
+        self._replay.clear()
+        self._pending = None
+        self._hub._detach(self, reason)
+        rooms = self.rooms
+        self._final_rooms = rooms
+        # The code the client saw decides whether it comes back for its session.
+        code = sm.close_code if sm.close_code is not None else self._peer_code
+        try:
+            await self._hub._connection_ended(self, should_reconnect(code))
+        except Exception:
+            log.exception("%s: releasing the session failed", self._tag())
         level = disposition(reason).log_level
         log.log(
             level, "%s: closed, reason=%s code=%s rooms=%d after=%.1fs", self._tag(), reason,

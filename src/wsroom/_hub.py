@@ -2,10 +2,19 @@
 
 Theory of operation
 -------------------
-A `Hub` is used from one event loop. Its registries (connections, rooms, members) are
-changed only by synchronous code: `publish` assigns an offset, encodes the frame once
-and pushes it onto every member's queue without awaiting, so no membership change can
-interleave with a fan-out, and no client can make a broadcast wait.
+A `Hub` is used from one event loop. Its registries (connections, sessions, rooms,
+presence) are changed only by synchronous code. `publish` encodes the message once and
+hands it to the backplane, which assigns the offset, keeps it in the stream's history
+and delivers it (`_deliver`): the frame is pushed onto every live member's queue
+without awaiting, so no membership change can interleave with a fan-out, and no client
+can make a broadcast wait.
+
+Rooms are held by *sessions*, not connections (see `_sessions.py`): a connection that
+drops for a reason its client recovers from leaves its session detached for
+``resume_window`` — rooms held, presence *away* — and a resume attaches the new
+connection to it. A background task in the hub's task group expires the sessions whose
+window passed: they leave their rooms, which is the only time presence says *leave*
+for a member that did not leave on purpose.
 
 `Hub.run()` owns the hub-level task group (background work) and, on exit, the graceful
 shutdown: stop admitting (1013), tell clients to reconnect (1012) in batches spread over
@@ -20,6 +29,7 @@ import logging
 import math
 import secrets
 import sys
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -32,15 +42,19 @@ from anyio.abc import TaskGroup
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
+from ._backplane import Backplane, Envelope, MemoryBackplane
 from ._config import HubConfig, RoomConfig
-from ._connection import Connection, Identity
+from ._connection import INBOX, Connection, Identity
 from ._errors import HubNotRunning, MessageTooLarge
 from ._handlers import Handler, Handlers, MessageScope
-from ._protocol import msg_frame
+from ._presence import PresenceEntry, RoomPresence
+from ._protocol import encode, msg_payload, presence_diff_frame, presence_state_frame
 from ._queue import frame_size
 from ._rooms import Rooms
+from ._sessions import Session, SessionRegistry
 from ._signals import drain_on_signals
 from ._state import CloseReason
+from ._tokens import ResumeClaims, TokenSigner
 from ._transport import AsgiTransport, Handshake
 
 __all__ = ["Hub", "HubStats"]
@@ -49,6 +63,11 @@ log = logging.getLogger("wsroom.hub")
 
 Authenticate = Callable[[Handshake], Awaitable[Identity | None]]
 ConnectionHook = Callable[[Connection], Awaitable[None]]
+Snapshot = Callable[[Connection, str], Awaitable[Any]]
+HubSession = Session[Identity, Connection]
+
+_FRAME_OVERHEAD = 96
+"""Upper bound of a ``msg`` frame's bytes besides its payload and stream name."""
 H = TypeVar("H", bound=Handler)
 C = TypeVar("C", bound=ConnectionHook)
 
@@ -69,6 +88,7 @@ class _Counters:
     handler_errors: int = 0
     connections_total: int = 0
     closes: Counter[str] = field(default_factory=Counter)
+    resumes: Counter[str] = field(default_factory=Counter)
 
 
 @dataclass(frozen=True)
@@ -77,8 +97,10 @@ class HubStats:
 
     Attributes:
         connections: connections currently registered (including handshakes).
+        sessions: sessions that exist (live, and detached ones awaiting a resume).
+        detached_sessions: sessions waiting for their client to resume.
         rooms: rooms that currently exist.
-        members: distinct connections that are in at least one room.
+        members: distinct sessions that are in at least one room.
         queued_bytes: bytes waiting in all outbound queues.
         connections_total: connections admitted since the hub started.
         closes: connections ended, by close reason.
@@ -88,9 +110,14 @@ class HubStats:
         discarded: messages discarded by `drop_oldest` or `coalesce` policies.
         handler_errors: messages whose handler, or payload validator, raised (or whose
             reply could not be encoded).
+        resumes: resume attempts by result: ``recovered`` (every stream replayed),
+            ``not_recovered`` (some stream got a snapshot instead), ``new_session``
+            (valid token, but the session had expired), ``rejected`` (3500).
     """
 
     connections: int
+    sessions: int
+    detached_sessions: int
     rooms: int
     members: int
     queued_bytes: int
@@ -101,6 +128,7 @@ class HubStats:
     frames_out: int
     discarded: int
     handler_errors: int
+    resumes: dict[str, int]
 
 
 def _check_room_name(room: str) -> None:
@@ -122,6 +150,13 @@ class Hub:
             every handler call, its value is ``ctx.scope`` (e.g. a DB session).
         room_config: ``(room name) -> RoomConfig`` for per-room settings; rooms it
             returns None for use ``config.default_room``.
+        snapshot: ``async (connection, stream) -> data``: the app's current state of a
+            stream (a room name, or ``"@inbox"``), sent as a ``snapshot`` frame to a
+            client that cannot be sent what it missed (a new session, or a resume
+            whose gap history no longer covers). See
+            [recovery](../topics/recovery.md).
+        backplane: where streams are numbered and kept; default: in memory (one
+            process).
 
     Example:
         ```python
@@ -142,16 +177,27 @@ class Hub:
         authenticate: Authenticate | None = None,
         message_scope: MessageScope | None = None,
         room_config: Callable[[str], RoomConfig | None] | None = None,
+        snapshot: Snapshot | None = None,
+        backplane: Backplane | None = None,
     ) -> None:
-        self.config = config or HubConfig()
+        self.config = config = config or HubConfig()
         self._authenticate_hook = authenticate
         self._message_scope = message_scope
         self._room_config = room_config
+        self._snapshot_hook = snapshot
         self._handlers = Handlers()
         self._connect_hooks: list[ConnectionHook] = []
         self._disconnect_hooks: list[ConnectionHook] = []
         self._connections: dict[str, Connection] = {}
-        self._rooms: Rooms[Connection] = Rooms()
+        self._rooms: Rooms[HubSession] = Rooms()
+        self._presence: dict[str, RoomPresence] = {}
+        self._sessions: SessionRegistry[Identity, Connection] = SessionRegistry(
+            config.resume_window)
+        self._signer = TokenSigner(config.resume_secrets or [secrets.token_bytes(32)])
+        self._wall_clock: Callable[[], float] = time.time
+        self._expiry_wakeup: anyio.Event | None = None
+        self._backplane = backplane or MemoryBackplane()
+        self._backplane.bind(self._deliver)
         self._stats = _Counters()
         self._phase = _Phase.IDLE
         self._empty: anyio.Event | None = None
@@ -200,9 +246,18 @@ class Hub:
         return list(self._connections.values())
 
     def members(self, room: str) -> tuple[Connection, ...]:
-        """The connections in `room` (empty if the room does not exist)."""
+        """The live connections in `room` (members whose session is detached, waiting
+        for a resume, are not included; see `presence` for the whole roster)."""
         found = self._rooms.get(room)
-        return found.members if found is not None else ()
+        if found is None:
+            return ()
+        return tuple(s.connection for s in found.members if s.connection is not None)
+
+    def presence(self, room: str) -> tuple[PresenceEntry, ...]:
+        """The roster of `room`: every member with a session in it, online or away
+        (empty if the room does not exist or has presence turned off)."""
+        roster = self._presence.get(room)
+        return roster.state() if roster is not None else ()
 
     def rooms(self) -> list[str]:
         """Names of the rooms that exist."""
@@ -213,6 +268,8 @@ class Hub:
         counters = self._stats
         return HubStats(
             connections=len(self._connections),
+            sessions=len(self._sessions),
+            detached_sessions=self._sessions.detached,
             rooms=len(self._rooms),
             members=self._rooms.member_count(),
             queued_bytes=sum(c.queued_bytes for c in self._connections.values()),
@@ -223,6 +280,7 @@ class Hub:
             frames_out=counters.frames_out,
             discarded=counters.discarded,
             handler_errors=counters.handler_errors,
+            resumes=dict(counters.resumes),
         )
 
     # ----------------------------------------------------------------- publishing
@@ -261,23 +319,50 @@ class Hub:
         if target is None:
             await anyio.lowlevel.checkpoint()
             return None
-        stream = target.stream
-        frame = msg_frame(room, stream.epoch, stream.offset + 1, event, data)
-        size = frame_size(frame)
-        if size > self.config.max_queue_bytes:
-            raise MessageTooLarge(
-                f"a message of {size} bytes can never fit a client queue "
-                f"(max_queue_bytes={self.config.max_queue_bytes})"
-            )
-        offset = stream.next_offset()
-        policy = target.config.policy
-        scoped = None if key is None else (room, key)  # rooms never coalesce each other
-        for member in target.members:
-            if member is not exclude:
-                member._enqueue(frame, size, policy, scoped)
+        payload = self._payload(event, data, room)
+        envelope = await self._backplane.publish(
+            room, room, payload,
+            key=None if key is None else (room, key),  # rooms never coalesce each other
+            exclude=None if exclude is None or exclude._session is None
+            else exclude._session.id,
+        )
         # Let writers run: a publisher in a tight loop must not starve them.
         await anyio.lowlevel.checkpoint()
-        return offset
+        return envelope.offset
+
+    async def send_to(self, member: str, event: str, data: Any = None) -> int:
+        """Send a message to every session of `member`, on its ``@inbox`` stream.
+
+        Sessions that are detached (their client is reconnecting) keep the message in
+        their inbox history and get it when they resume.
+
+        Returns:
+            The number of sessions the message was sent to (0: no such member).
+
+        Raises:
+            HubNotRunning: outside `Hub.run()`.
+            MessageTooLarge: if the encoded frame exceeds ``max_queue_bytes``.
+        """
+        self._check_running()
+        sessions = self._sessions.of_member(member)
+        if not sessions:
+            await anyio.lowlevel.checkpoint()
+            return 0
+        payload = self._payload(event, data, INBOX)
+        for session in sessions:
+            await self._backplane.publish(_inbox_key(session.id), INBOX, payload)
+        await anyio.lowlevel.checkpoint()
+        return len(sessions)
+
+    def _payload(self, event: str, data: Any, stream: str) -> str:
+        payload = msg_payload(event, data)
+        size = frame_size(payload) + frame_size(encode(stream)) + _FRAME_OVERHEAD
+        if size > self.config.max_queue_bytes:
+            raise MessageTooLarge(
+                f"a message of about {size} bytes can never fit a client queue "
+                f"(max_queue_bytes={self.config.max_queue_bytes})"
+            )
+        return payload
 
     # ----------------------------------------------------------- ASGI and lifetime
 
@@ -311,6 +396,7 @@ class Hub:
         async with anyio.create_task_group() as tg:
             self._tg = tg
             self._phase = _Phase.RUNNING
+            tg.start_soon(self._expire_sessions, name="wsroom session expiry")
             log.info("hub running")
             try:
                 yield self
@@ -407,15 +493,12 @@ class Hub:
         self._stats.connections_total += 1
         return None
 
-    def _detach(self, conn: Connection, reason: CloseReason) -> list[str]:
-        """Forget `conn` everywhere (called once per connection, refused ones too);
-        return the rooms it was in."""
-        rooms = self._rooms.leave_all(conn)
+    def _detach(self, conn: Connection, reason: CloseReason) -> None:
+        """Forget `conn` (called once per connection, refused ones too)."""
         self._connections.pop(conn.id, None)
         self._stats.closes[str(reason)] += 1
         if not self._connections and self._empty is not None:
             self._empty.set()
-        return rooms
 
     async def _authenticate(self, handshake: Handshake, *, anonymous_id: str
                             ) -> Identity | None:
@@ -431,24 +514,186 @@ class Hub:
         for hook in self._disconnect_hooks:
             await hook(conn)
 
+    # ------------------------------------------------------- sessions and rooms
+
+    def _room_settings(self, room: str) -> RoomConfig:
+        config = None if self._room_config is None else self._room_config(room)
+        return config or self.config.default_room
+
+    async def _open_session(self, conn: Connection, identity: Identity,
+                            claims: ResumeClaims | None) -> tuple[HubSession, bool] | None:
+        """Attach `conn` to the session its token names, or to a new session.
+
+        Returns ``(session, resumed)``, or None if the token is stale (a newer one was
+        issued and confirmed since): the caller closes with 3500.
+        """
+        session = None if claims is None else self._sessions.get(claims.session)
+        if session is not None and claims is not None and session.member == identity.id:
+            if not session.accepts(claims.generation):
+                self._stats.resumes["rejected"] += 1
+                return None
+            session.identity = identity
+            replaced = self._sessions.attach(session, conn)
+            if replaced is not None:
+                replaced._request_close(CloseReason.REPLACED)
+            return session, True
+        if claims is not None:
+            self._stats.resumes["new_session"] += 1
+        session = self._sessions.create(identity.id, identity, conn)
+        await self._backplane.open(_inbox_key(session.id), self.config.inbox_history)
+        return session, False
+
+    def _issue_token(self, session: HubSession, presented: int | None) -> str:
+        generation = session.rotate(presented)
+        expires = self._wall_clock() + self.config.resume_token_ttl
+        return self._signer.issue(ResumeClaims(session.id, session.member, generation,
+                                               expires))
+
+    def _attach_presence(self, session: HubSession, conn: Connection) -> list[str]:
+        """The session's connection is welcomed: it is online in its rooms. Tell the
+        others; return the roster frames for `conn` itself."""
+        frames = []
+        for room in sorted(self._rooms.rooms_of(session)):
+            roster = self._presence.get(room)
+            if roster is None:
+                continue
+            diff = roster.attach(session.member, session.id,
+                                 info=session.identity.info, meta=conn.meta)
+            self._broadcast_presence(room, diff, skip=conn)
+            frames.append(presence_state_frame(room, [e.to_wire() for e in roster.state()]))
+        return frames
+
+    def _broadcast_presence(self, room: str, diff: Any, skip: Connection | None = None
+                            ) -> None:
+        if not diff:
+            return
+        target = self._rooms.get(room)
+        if target is None:
+            return
+        frame = presence_diff_frame(room, [e.to_wire() for e in diff.joins],
+                                    list(diff.leaves))
+        size = frame_size(frame)
+        for session in target.members:
+            conn = session.connection
+            if conn is not None and conn is not skip and conn._welcomed.is_set():
+                conn._push_personal(frame, size)
+
+    def _deliver(self, envelope: Envelope) -> None:
+        """The backplane delivers a numbered message: queue it for the live members
+        of its stream. Synchronous: never waits for a client."""
+        stream = envelope.stream
+        if stream.startswith(_INBOX_PREFIX):
+            session = self._sessions.get(stream[len(_INBOX_PREFIX):])
+            if session is not None and session.connection is not None:
+                session.connection._deliver(envelope, self.config.default_room.policy)
+            return
+        room = self._rooms.get(stream)
+        if room is None:
+            return
+        policy = room.config.policy
+        exclude = envelope.exclude
+        for session in room.members:
+            conn = session.connection
+            if conn is not None and session.id != exclude:
+                conn._deliver(envelope, policy)
+
     async def _join(self, conn: Connection, room: str) -> None:
         _check_room_name(room)
-        if conn._sm.closing or conn._released:
+        session = conn._session
+        if session is None or session.connection is not conn or conn._sm.closing:
+            await anyio.lowlevel.checkpoint()
             return
-        config = None if self._room_config is None else self._room_config(room)
-        # A new room starts a new stream: a new epoch.
-        epoch = "" if room in self._rooms else secrets.token_urlsafe(6)
-        joined = self._rooms.join(room, conn, config=config or self.config.default_room,
-                                  epoch=epoch)
-        if joined and not conn._welcomed.is_set():
-            stream = self._rooms.get(room).stream  # type: ignore[union-attr]
-            conn._join_positions[room] = (stream.epoch, stream.offset)
-        await anyio.lowlevel.checkpoint()
+        config = self._room_settings(room)
+        created = room not in self._rooms
+        if not self._rooms.join(room, session, config=config):
+            await anyio.lowlevel.checkpoint()
+            return
+        if created and config.presence:
+            self._presence[room] = RoomPresence()
+        # A room that did not exist starts a stream (a new epoch in memory).
+        _, offset = await self._backplane.open(room, config.history)
+        if conn._pending is None and session.connection is conn:
+            # Welcomed already: live from here on; the client learns the stream from
+            # its first message. (Before the welcome, the welcome reports it.)
+            conn._positions.setdefault(room, offset)
+            roster = self._presence.get(room)
+            if roster is not None and room in self._rooms.rooms_of(session):
+                diff = roster.attach(session.member, session.id,
+                                     info=session.identity.info, meta=conn.meta)
+                self._broadcast_presence(room, diff, skip=conn)
+                conn._push_personal(
+                    presence_state_frame(room, [e.to_wire() for e in roster.state()]))
 
     async def _leave(self, conn: Connection, room: str) -> None:
-        if self._rooms.leave(room, conn):
-            conn._join_positions.pop(room, None)
-        await anyio.lowlevel.checkpoint()
+        session = conn._session
+        if session is None or not self._leave_room(session, room):
+            await anyio.lowlevel.checkpoint()
+            return
+        conn._positions.pop(room, None)
+        if room not in self._rooms:
+            await self._backplane.close(room)
+        else:
+            await anyio.lowlevel.checkpoint()
+
+    def _leave_room(self, session: HubSession, room: str) -> bool:
+        if not self._rooms.leave(room, session):
+            return False
+        roster = self._presence.get(room)
+        if room not in self._rooms:
+            self._presence.pop(room, None)
+        elif roster is not None:
+            self._broadcast_presence(room, roster.remove(session.member, session.id))
+        return True
+
+    async def _connection_ended(self, conn: Connection, resumable: bool) -> None:
+        """`conn` was released: detach its session for the window, or end it."""
+        session = conn._session
+        if session is None or session.connection is not conn:
+            return  # no session yet, or a newer connection took it over
+        if resumable and session.welcomed:
+            self._sessions.detach(session, anyio.current_time())
+            for room in sorted(self._rooms.rooms_of(session)):
+                roster = self._presence.get(room)
+                if roster is not None:
+                    self._broadcast_presence(room, roster.detach(session.member, session.id))
+            if self._expiry_wakeup is not None:
+                self._expiry_wakeup.set()
+            await anyio.lowlevel.checkpoint()
+        else:
+            await self._end_session(session)
+
+    async def _end_session(self, session: HubSession) -> None:
+        """The session is over: it leaves its rooms (presence: leave) and is forgotten."""
+        self._sessions.remove(session)
+        emptied = [room for room in sorted(self._rooms.rooms_of(session))
+                   if self._leave_room(session, room) and room not in self._rooms]
+        await self._backplane.close(_inbox_key(session.id))
+        for room in emptied:
+            await self._backplane.close(room)
+
+    async def _expire_sessions(self) -> None:
+        """Background task: end the detached sessions whose window has passed."""
+        sessions = self._sessions
+        while True:
+            self._expiry_wakeup = wakeup = anyio.Event()
+            deadline = sessions.next_expiry()
+            with anyio.move_on_at(math.inf if deadline is None else deadline):
+                await wakeup.wait()
+            for session in sessions.expire(anyio.current_time()):
+                log.info("session=%s member=%s: resume window expired", session.id,
+                         session.member)
+                try:
+                    await self._end_session(session)
+                except Exception:
+                    log.exception("ending an expired session failed")
+
+
+_INBOX_PREFIX = INBOX + "/"
+
+
+def _inbox_key(session_id: str) -> str:
+    """The backplane key of a session's inbox stream."""
+    return _INBOX_PREFIX + session_id
 
 
 class _HubAsgi:

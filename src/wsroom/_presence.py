@@ -1,11 +1,16 @@
 """Presence: who is in a room, online or away (sans-I/O).
 
-Keyed by member id, with the metadata of each of the member's connections. A member
-whose last connection drops is *away*, not gone: it stays in the roster for the resume
-window, so a quick reconnect produces no leave/join churn. Only an explicit leave, or
-the window expiring, produces a leave. Every change is returned as a `PresenceDiff`
-for the runtime to broadcast: a member entry in ``joins`` is an upsert (new member,
-status change, connections changed), a member id in ``leaves`` is gone.
+Keyed by member id; each member has one record per session in the room. A session is
+*live* while it has a connection and *away* while it is detached and may still resume.
+A member is online if one of its sessions is live, away if all of them are detached,
+and gone when it has no session left in the room. Sessions leave only explicitly, or
+when the session registry expires them at the end of the resume window, so a quick
+reconnect produces no leave/join churn, and a window expiry exactly one leave.
+
+There is no clock here: the session registry decides when a session is gone. Every
+change is returned as a `PresenceDiff` for the runtime to broadcast: a member entry in
+``joins`` is an upsert (new member, status change, connections changed), a member id in
+``leaves`` is gone.
 """
 
 from __future__ import annotations
@@ -15,10 +20,10 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-__all__ = ["PresenceDiff", "PresenceEntry", "RoomPresence", "Status"]
+__all__ = ["PresenceDiff", "PresenceEntry", "PresenceStatus", "RoomPresence"]
 
 
-class Status(str, Enum):
+class PresenceStatus(str, Enum):
     """A member's presence status."""
 
     ONLINE = "online"
@@ -30,13 +35,19 @@ class Status(str, Enum):
 
 @dataclass(frozen=True, slots=True)
 class PresenceEntry:
-    """One member of a room's roster."""
+    """One member of a room's roster.
+
+    Attributes:
+        member: the member id.
+        status: online if one of its sessions is connected, else away.
+        info: the member's public info (``Identity.info``).
+        connections: the metadata of each live connection (empty while away).
+    """
 
     member: str
-    status: Status
+    status: PresenceStatus
     info: Mapping[str, Any]
     connections: tuple[Mapping[str, Any], ...]
-    """Metadata of the member's live connections (empty while away)."""
 
     def to_wire(self) -> dict[str, Any]:
         """The entry as sent in ``presence`` frames."""
@@ -58,8 +69,8 @@ class PresenceDiff:
 @dataclass(slots=True)
 class _Member:
     info: Mapping[str, Any]
-    connections: dict[str, Mapping[str, Any]] = field(default_factory=dict)
-    away_since: float | None = None
+    sessions: dict[str, Mapping[str, Any] | None] = field(default_factory=dict)
+    """Session id -> metadata of its live connection, or None while detached."""
 
 
 class RoomPresence:
@@ -78,50 +89,52 @@ class RoomPresence:
 
     def _entry(self, member: str) -> PresenceEntry:
         record = self._members[member]
-        status = Status.AWAY if record.away_since is not None else Status.ONLINE
-        return PresenceEntry(member, status, record.info, tuple(record.connections.values()))
+        live = tuple(meta for meta in record.sessions.values() if meta is not None)
+        return PresenceEntry(member, PresenceStatus.ONLINE if live else PresenceStatus.AWAY, record.info,
+                             live)
+
+    def entry(self, member: str) -> PresenceEntry | None:
+        """The roster entry of `member`, if it is in the room."""
+        return self._entry(member) if member in self._members else None
 
     def state(self) -> tuple[PresenceEntry, ...]:
         """The whole roster, in order of first arrival."""
         return tuple(self._entry(member) for member in self._members)
 
-    def connect(self, member: str, connection: str, *, info: Mapping[str, Any] | None = None,
-                meta: Mapping[str, Any] | None = None) -> PresenceDiff:
-        """A connection of `member` is in the room (joined, or came back)."""
+    def _upsert(self, member: str, before: PresenceEntry | None) -> PresenceDiff:
+        after = self._entry(member)
+        return PresenceDiff() if after == before else PresenceDiff(joins=(after,))
+
+    def attach(self, member: str, session: str, *, info: Mapping[str, Any] | None = None,
+               meta: Mapping[str, Any] | None = None) -> PresenceDiff:
+        """A session of `member` is connected in the room (joined, or came back)."""
         record = self._members.get(member)
+        before = None if record is None else self._entry(member)
         if record is None:
             record = self._members[member] = _Member(dict(info or {}))
         elif info is not None:
             record.info = dict(info)
-        record.connections[connection] = dict(meta or {})
-        record.away_since = None
-        return PresenceDiff(joins=(self._entry(member),))
+        record.sessions[session] = dict(meta or {})
+        return self._upsert(member, before)
 
-    def disconnect(self, member: str, connection: str, now: float) -> PresenceDiff:
-        """A connection dropped; with its member's last one gone, the member is away."""
+    def detach(self, member: str, session: str) -> PresenceDiff:
+        """A session lost its connection but may resume: it counts as away."""
         record = self._members.get(member)
-        if record is None or record.connections.pop(connection, None) is None:
+        if record is None or record.sessions.get(session) is None:
             return PresenceDiff()
-        if not record.connections:
-            record.away_since = now
-        return PresenceDiff(joins=(self._entry(member),))
+        before = self._entry(member)
+        record.sessions[session] = None
+        return self._upsert(member, before)
 
-    def leave(self, member: str) -> PresenceDiff:
-        """The member left the room for good (explicitly, or its session ended)."""
-        if self._members.pop(member, None) is None:
+    def remove(self, member: str, session: str) -> PresenceDiff:
+        """A session left the room (explicitly, or it ended or expired); a member with
+        no session left is gone."""
+        record = self._members.get(member)
+        if record is None or session not in record.sessions:
             return PresenceDiff()
-        return PresenceDiff(leaves=(member,))
-
-    def expire(self, now: float, window: float) -> PresenceDiff:
-        """Members away for `window` seconds or more leave."""
-        # The same expression as next_expiry(): expire(next_expiry()) always removes.
-        gone = tuple(member for member, record in self._members.items()
-                     if record.away_since is not None and now >= record.away_since + window)
-        for member in gone:
+        before = self._entry(member)
+        del record.sessions[session]
+        if not record.sessions:
             del self._members[member]
-        return PresenceDiff(leaves=gone)
-
-    def next_expiry(self, window: float) -> float | None:
-        """When the next away member would leave, if any is away."""
-        times = [r.away_since for r in self._members.values() if r.away_since is not None]
-        return min(times) + window if times else None
+            return PresenceDiff(leaves=(member,))
+        return self._upsert(member, before)

@@ -16,8 +16,9 @@ from ._codes import ErrorCode
 
 __all__ = [
     "BadFrame", "ClientFrame", "Hello", "Msg", "Pong", "StreamPosition", "encode",
-    "error_frame", "msg_frame", "parse_client_frame", "ping_frame", "reply_frame",
-    "safe_errors", "welcome_frame",
+    "error_frame", "msg_frame", "msg_frame_from", "msg_payload", "parse_client_frame",
+    "ping_frame", "presence_diff_frame", "presence_state_frame", "reply_frame",
+    "safe_errors", "snapshot_frame", "welcome_frame",
 ]
 
 PROTOCOL_VERSION = 1
@@ -118,17 +119,43 @@ def parse_client_frame(text: str | bytes) -> Hello | Pong | Msg:
         raise BadFrame(ErrorCode.BAD_FRAME, safe_errors(exc)) from None
 
 
-def encode(frame: dict[str, Any]) -> str:
-    """Encode a server frame as compact JSON text (one line, never a raw newline)."""
+def encode(frame: Any) -> str:
+    """Encode a server frame (or a value) as compact JSON text (one line, never a raw
+    newline)."""
     return to_json(frame).decode()
+
+
+def msg_payload(event: str, data: Any) -> str:
+    """Encode the part of a ``msg`` frame that does not depend on its position
+    (``"event":...,"data":...``): once per message, whatever the stream assigns."""
+    return encode({"event": event, "data": data})[1:-1]
+
+
+def msg_frame_from(stream: str, epoch: str, offset: int, payload: str) -> str:
+    """Complete a ``msg`` frame from its position and its `msg_payload`."""
+    return (f'{{"type":"msg","stream":{encode(stream)},"epoch":{encode(epoch)},'
+            f'"offset":{offset},{payload}}}')
 
 
 def msg_frame(stream: str, epoch: str, offset: int, event: str, data: Any) -> str:
     """Encode a ``msg`` frame."""
-    return encode(
-        {"type": "msg", "stream": stream, "epoch": epoch, "offset": offset,
-         "event": event, "data": data}
-    )
+    return msg_frame_from(stream, epoch, offset, msg_payload(event, data))
+
+
+def snapshot_frame(stream: str, epoch: str, offset: int, data: Any) -> str:
+    """Encode a ``snapshot`` frame: the app's state of `stream` as of `offset`."""
+    return encode({"type": "snapshot", "stream": stream, "epoch": epoch, "offset": offset,
+                   "data": data})
+
+
+def presence_state_frame(room: str, state: list[dict[str, Any]]) -> str:
+    """Encode a ``presence`` frame with a room's whole roster."""
+    return encode({"type": "presence", "room": room, "state": state})
+
+
+def presence_diff_frame(room: str, joins: list[dict[str, Any]], leaves: list[str]) -> str:
+    """Encode a ``presence`` frame with changes (``joins`` are upserts)."""
+    return encode({"type": "presence", "room": room, "joins": joins, "leaves": leaves})
 
 
 def ping_frame(ping_id: int) -> str:

@@ -249,6 +249,18 @@ class OutboundQueue:
         self.control_queued -= control
         return out
 
+    def pop_control(self) -> list[str]:
+        """Remove and return the control frames at the front of the queue (a ``ping``
+        must not wait behind a long replay)."""
+        items = self._items
+        out: list[str] = []
+        while items and items[0].control:
+            item = items.popleft()
+            out.append(item.frame)
+            self._bytes -= item.size
+            self.control_queued -= 1
+        return out
+
     def clear(self) -> int:
         """Drop everything queued (the connection is closing); return how many."""
         count = len(self._items)

@@ -1,6 +1,7 @@
-"""Rooms, membership and streams (sans-I/O).
+"""Rooms and membership (sans-I/O).
 
-A room is a set of members plus the stream its messages are numbered in. Membership
+A room is a named set of members (sessions) and its settings; its messages are
+numbered by the backplane (see `_backplane.py`). Membership
 changes and fan-out never interleave: joins and leaves are synchronous, and each room
 hands out an immutable tuple of its members that is rebuilt only when membership
 changes. A broadcast iterates that tuple, so nothing it calls can change what it
@@ -14,41 +15,19 @@ from typing import Generic, TypeVar
 
 from ._config import RoomConfig
 
-__all__ = ["Room", "Rooms", "Stream"]
+__all__ = ["Room", "Rooms"]
 
 M = TypeVar("M", bound=Hashable)
 
 
-class Stream:
-    """A numbered message stream: ``(epoch, offset)`` identifies every message.
-
-    The epoch changes whenever the stream's history may have been lost (a new room,
-    a restart); offsets increase by one per message, starting at 1.
-    """
-
-    __slots__ = ("epoch", "name", "offset")
-
-    def __init__(self, name: str, epoch: str) -> None:
-        self.name = name
-        self.epoch = epoch
-        self.offset = 0
-        """Offset of the last message; 0 before the first."""
-
-    def next_offset(self) -> int:
-        """Assign the next offset."""
-        self.offset += 1
-        return self.offset
-
-
 class Room(Generic[M]):
-    """A named set of members and its stream."""
+    """A named set of members and its settings."""
 
-    __slots__ = ("_members", "_snapshot", "config", "name", "stream")
+    __slots__ = ("_members", "_snapshot", "config", "name")
 
-    def __init__(self, name: str, config: RoomConfig, epoch: str) -> None:
+    def __init__(self, name: str, config: RoomConfig) -> None:
         self.name = name
         self.config = config
-        self.stream = Stream(name, epoch)
         self._members: dict[M, None] = {}
         self._snapshot: tuple[M, ...] | None = ()
 
@@ -96,12 +75,12 @@ class Rooms(Generic[M]):
         """Names of the rooms `member` is in."""
         return frozenset(self._by_member.get(member, ()))
 
-    def join(self, name: str, member: M, *, config: RoomConfig, epoch: str) -> bool:
-        """Add `member` to room `name`, creating the room (with `config` and `epoch`)
-        if needed. Return False if it was already a member."""
+    def join(self, name: str, member: M, *, config: RoomConfig) -> bool:
+        """Add `member` to room `name`, creating the room (with `config`) if needed.
+        Return False if it was already a member."""
         room = self._rooms.get(name)
         if room is None:
-            room = self._rooms[name] = Room(name, config, epoch)
+            room = self._rooms[name] = Room(name, config)
         if member in room._members:
             return False
         room._members[member] = None

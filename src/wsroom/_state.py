@@ -52,6 +52,9 @@ class CloseReason(str, Enum):
     HOOK_TIMEOUT = "hook_timeout"
     BAD_HANDSHAKE = "bad_handshake"
     AUTH_FAILED = "auth_failed"
+    RESUME_REJECTED = "resume_rejected"
+    REPLACED = "replaced"
+    GAP = "gap"
     IDLE_TIMEOUT = "idle_timeout"
     SHUTDOWN = "shutdown"
     OVER_CAPACITY = "over_capacity"
@@ -95,6 +98,11 @@ _DISPOSITIONS: dict[CloseReason, Disposition] = {
     CloseReason.HANDSHAKE_TIMEOUT: Disposition(CloseCode.HANDSHAKE_TIMEOUT, False, _INFO),
     CloseReason.BAD_HANDSHAKE: Disposition(CloseCode.BAD_REQUEST, True, _INFO),
     CloseReason.AUTH_FAILED: Disposition(CloseCode.INVALID_TOKEN, True, _INFO),
+    CloseReason.RESUME_REJECTED: Disposition(CloseCode.INVALID_TOKEN, True, _INFO),
+    # A newer connection took the session over: this one is a ghost or an old tab.
+    CloseReason.REPLACED: Disposition(CloseCode.REPLACED, False, _INFO, close_wait=1.0),
+    # The client resumes and recovers what is missing from history.
+    CloseReason.GAP: Disposition(CloseCode.INSUFFICIENT_STATE, False, _WARNING),
     CloseReason.IDLE_TIMEOUT: Disposition(CloseCode.IDLE_TIMEOUT, True, _INFO),
     # Orderly ends: flush what is queued, then close.
     CloseReason.SHUTDOWN: Disposition(CloseCode.SERVICE_RESTART, True, _INFO),

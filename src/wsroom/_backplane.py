@@ -1,0 +1,152 @@
+"""The backplane: where streams are numbered, remembered and fanned out.
+
+A hub never numbers a message itself. It hands the message to its backplane, which
+assigns the next offset of the stream, keeps the message in the stream's bounded
+history, and delivers it to every hub that has members on the stream (in one process:
+to the hub that published it, synchronously). The in-memory backplane here serves one
+process with zero set-up; a Redis backplane (many workers) implements the same
+interface.
+
+The interface is deliberately small:
+
+- `open` a stream before publishing to it (it creates the stream with a fresh epoch if
+  it does not exist) and `close` it when no local member needs it any more;
+- `publish` assigns the offset, stores and delivers; a stream is only ever delivered
+  in offset order, which is what the hub's gap check relies on;
+- `position` and `since` answer "where is the stream now" and "what came after
+  (epoch, offset)" — all or nothing (`Recovery`).
+"""
+
+from __future__ import annotations
+
+import secrets
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+
+import anyio
+
+from ._history import HistoryLimits, Recovery, StreamHistory
+from ._protocol import msg_frame_from
+from ._queue import frame_size
+
+__all__ = ["Backplane", "Envelope", "MemoryBackplane"]
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """A numbered message on its way to the local members of its stream.
+
+    Attributes:
+        stream: the stream's key (a room name, or ``@inbox/<session id>``).
+        epoch: the stream's epoch.
+        offset: the message's offset.
+        frame: the encoded ``msg`` frame, shared by every recipient.
+        size: the frame's size in bytes.
+        key: the coalescing key (already scoped to the stream), or None.
+        exclude: the id of a session that must not receive it, or None.
+    """
+
+    stream: str
+    epoch: str
+    offset: int
+    frame: str
+    size: int
+    key: Hashable | None = None
+    exclude: str | None = None
+
+
+Deliver = Callable[[Envelope], None]
+
+
+class Backplane(ABC):
+    """Numbering, history and fan-out of streams (see the module docstring)."""
+
+    _deliver: Deliver
+
+    def bind(self, deliver: Deliver) -> None:
+        """Called once by the hub: `deliver` receives every message of the streams
+        this process has open, in offset order per stream. It must not block."""
+        self._deliver = deliver
+
+    @abstractmethod
+    async def open(self, stream: str, limits: HistoryLimits) -> tuple[str, int]:
+        """Make sure `stream` exists and is delivered here; return its ``(epoch,
+        offset)`` (offset 0 before the first message)."""
+
+    @abstractmethod
+    async def close(self, stream: str) -> None:
+        """This process no longer needs `stream` (no local member is left)."""
+
+    @abstractmethod
+    async def publish(self, stream: str, wire_name: str, payload: str, *,
+                      key: Hashable | None = None, exclude: str | None = None) -> Envelope:
+        """Number, store and deliver a message of an open stream.
+
+        Args:
+            stream: the stream's key.
+            wire_name: the stream's name in the frame (``@inbox`` for inboxes).
+            payload: the message's `msg_payload` (event and data, encoded once).
+            key: the coalescing key, scoped to the stream.
+            exclude: a session id that must not receive it.
+
+        Raises:
+            KeyError: if the stream is not open.
+        """
+
+    @abstractmethod
+    async def position(self, stream: str) -> tuple[str, int]:
+        """The ``(epoch, last offset)`` of an open stream."""
+
+    @abstractmethod
+    async def since(self, stream: str, epoch: str, offset: int) -> Recovery:
+        """Everything after ``(epoch, offset)`` on `stream`, or not recovered."""
+
+
+class MemoryBackplane(Backplane):
+    """One process: streams live as long as a local member needs them.
+
+    A stream that is closed is forgotten: if it is opened again it starts a new epoch,
+    so no client can mistake the new offsets for the old ones.
+    """
+
+    def __init__(self) -> None:
+        self._streams: dict[str, StreamHistory] = {}
+
+    def __len__(self) -> int:
+        return len(self._streams)
+
+    async def open(self, stream: str, limits: HistoryLimits) -> tuple[str, int]:
+        history = self._streams.get(stream)
+        if history is None:
+            history = self._streams[stream] = StreamHistory(secrets.token_urlsafe(6), limits)
+        await anyio.lowlevel.checkpoint()
+        return history.epoch, history.offset
+
+    async def close(self, stream: str) -> None:
+        self._streams.pop(stream, None)
+        await anyio.lowlevel.checkpoint()
+
+    async def publish(self, stream: str, wire_name: str, payload: str, *,
+                      key: Hashable | None = None, exclude: str | None = None) -> Envelope:
+        history = self._streams[stream]
+        offset = history.offset + 1
+        frame = msg_frame_from(wire_name, history.epoch, offset, payload)
+        history.append(offset, frame, anyio.current_time())
+        envelope = Envelope(stream, history.epoch, offset, frame, frame_size(frame), key,
+                            exclude)
+        # Synchronously: no membership change can interleave with a fan-out.
+        self._deliver(envelope)
+        return envelope
+
+    async def position(self, stream: str) -> tuple[str, int]:
+        history = self._streams[stream]
+        await anyio.lowlevel.checkpoint()
+        return history.epoch, history.offset
+
+    async def since(self, stream: str, epoch: str, offset: int) -> Recovery:
+        history = self._streams.get(stream)
+        await anyio.lowlevel.checkpoint()
+        if history is None:
+            return Recovery(False, (), "", 0)
+        return history.since(epoch, offset, anyio.current_time())

@@ -1,0 +1,183 @@
+"""Sessions: what outlives a connection for the resume window (sans-I/O).
+
+A session is created by a successful ``hello`` without a usable resume token. It holds
+the member's identity, its rooms (the hub's room registry is keyed by session) and its
+personal inbox stream. While a connection is attached, the session is *live*; when the
+connection drops for a reason the client recovers from, the session is *detached* and
+kept for ``resume_window`` seconds; a resume within the window attaches the new
+connection to it, and a window that passes expires it (it leaves its rooms: exactly
+one presence leave). A connection that ends for good (the client said goodbye, or a
+terminal close code) removes its session at once.
+
+Resume tokens are rotated on every welcome: each carries the session's *generation*.
+The registry accepts the newest generation, and the one the client resumed with until
+the client proves (by sending any frame after its welcome) that it received the newer
+one: a client whose connection died between the server's welcome and its own reading
+of it still holds the older token and must not be locked out.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Generic, TypeVar
+
+__all__ = ["Session", "SessionRegistry"]
+
+IdentityT = TypeVar("IdentityT")  # the identity type (kept opaque here)
+ConnT = TypeVar("ConnT")  # the connection type (kept opaque here)
+
+
+class Session(Generic[IdentityT, ConnT]):
+    """One member's session; see the module docstring.
+
+    Attributes:
+        id: random, unique, stable across resumes (it is named in resume tokens).
+        member: the member id the session belongs to.
+        identity: the app's identity object, as the last authentication returned it.
+        connection: the attached connection, or None while detached.
+        detached_at: when the last connection dropped (None while live).
+        generation: the generation of the newest resume token.
+    """
+
+    __slots__ = ("_accepted", "connection", "detached_at", "generation", "id", "identity",
+                 "member", "welcomed")
+
+    def __init__(self, session_id: str, member: str, identity: IdentityT) -> None:
+        self.id = session_id
+        self.member = member
+        self.identity = identity
+        self.connection: ConnT | None = None
+        self.detached_at: float | None = None
+        self.generation = 0
+        self.welcomed = False
+        """True once a welcome was issued for it (before that there is nothing to
+        resume: a connection that drops during its handshake ends its session)."""
+        self._accepted: frozenset[int] = frozenset()
+
+    def __repr__(self) -> str:
+        state = "live" if self.connection is not None else "detached"
+        return f"<Session {self.id} member={self.member} {state}>"
+
+    def rotate(self, presented: int | None = None) -> int:
+        """Start a new token generation (on every welcome); return it.
+
+        Args:
+            presented: the generation of the token the client resumed with: until
+                the client confirms the new token, the one it holds stays valid.
+        """
+        self.generation += 1
+        self.welcomed = True
+        self._accepted = frozenset({self.generation} if presented is None
+                                   else {presented, self.generation})
+        return self.generation
+
+    def confirm(self) -> None:
+        """The client received its newest token: older ones are useless from now."""
+        if len(self._accepted) > 1:
+            self._accepted = frozenset({self.generation})
+
+    def accepts(self, generation: int) -> bool:
+        """True if a token of `generation` may resume this session."""
+        return generation in self._accepted
+
+
+class SessionRegistry(Generic[IdentityT, ConnT]):
+    """All sessions of a hub, with the detached ones in order of their expiry.
+
+    Args:
+        window: seconds a detached session is kept for a resume.
+    """
+
+    __slots__ = ("_by_member", "_detached", "_sessions", "window")
+
+    def __init__(self, window: float) -> None:
+        if not window > 0:
+            raise ValueError(f"the resume window must be positive, got {window!r}")
+        self.window = window
+        self._sessions: dict[str, Session[IdentityT, ConnT]] = {}
+        self._by_member: dict[str, dict[str, Session[IdentityT, ConnT]]] = {}
+        # Insertion order is detach order, and every session has the same window, so
+        # the first entry is always the next to expire.
+        self._detached: dict[str, Session[IdentityT, ConnT]] = {}
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def __contains__(self, session_id: object) -> bool:
+        return session_id in self._sessions
+
+    @property
+    def detached(self) -> int:
+        """Number of sessions waiting for a resume."""
+        return len(self._detached)
+
+    def get(self, session_id: str) -> Session[IdentityT, ConnT] | None:
+        """The session called `session_id`, if it exists."""
+        return self._sessions.get(session_id)
+
+    def of_member(self, member: str) -> list[Session[IdentityT, ConnT]]:
+        """The sessions of `member` (live and detached)."""
+        return list(self._by_member.get(member, {}).values())
+
+    def create(self, member: str, identity: IdentityT, connection: ConnT
+               ) -> Session[IdentityT, ConnT]:
+        """Register a new live session for `connection`."""
+        session_id = secrets.token_urlsafe(12)
+        while session_id in self._sessions:  # pragma: no cover - 96 random bits
+            session_id = secrets.token_urlsafe(12)
+        session: Session[IdentityT, ConnT] = Session(session_id, member, identity)
+        session.connection = connection
+        self._sessions[session_id] = session
+        self._by_member.setdefault(member, {})[session_id] = session
+        return session
+
+    def attach(self, session: Session[IdentityT, ConnT], connection: ConnT) -> ConnT | None:
+        """Attach `connection` to `session`; return the connection it replaces (a
+        ghost, or another tab), if one was attached."""
+        previous = session.connection
+        session.connection = connection
+        session.detached_at = None
+        self._detached.pop(session.id, None)
+        return previous
+
+    def detach(self, session: Session[IdentityT, ConnT], now: float) -> None:
+        """The session's connection dropped; keep it for the window from `now`."""
+        session.connection = None
+        session.detached_at = now
+        self._detached.pop(session.id, None)
+        self._detached[session.id] = session
+
+    def remove(self, session: Session[IdentityT, ConnT]) -> bool:
+        """Forget `session` (it ended, or expired); False if it was not registered."""
+        self._detached.pop(session.id, None)
+        if self._sessions.pop(session.id, None) is None:
+            return False
+        mine = self._by_member[session.member]
+        del mine[session.id]
+        if not mine:
+            del self._by_member[session.member]
+        return True
+
+    def expiry(self, session: Session[IdentityT, ConnT]) -> float | None:
+        """When a detached session expires (None while live)."""
+        return None if session.detached_at is None else session.detached_at + self.window
+
+    def next_expiry(self) -> float | None:
+        """When the next detached session expires, if any is detached."""
+        for session in self._detached.values():
+            return self.expiry(session)
+        return None
+
+    def expire(self, now: float) -> list[Session[IdentityT, ConnT]]:
+        """Remove and return the sessions whose window has passed at `now`."""
+        gone: list[Session[IdentityT, ConnT]] = []
+        window = self.window
+        for session in self._detached.values():
+            assert session.detached_at is not None
+            # The same expression as expiry(): expire(next_expiry()) always removes.
+            if now < session.detached_at + window:
+                break
+            gone.append(session)
+        for session in gone:
+            self.remove(session)
+        return gone
