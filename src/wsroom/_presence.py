@@ -90,8 +90,8 @@ class RoomPresence:
     def _entry(self, member: str) -> PresenceEntry:
         record = self._members[member]
         live = tuple(meta for meta in record.sessions.values() if meta is not None)
-        return PresenceEntry(member, PresenceStatus.ONLINE if live else PresenceStatus.AWAY, record.info,
-                             live)
+        status = PresenceStatus.ONLINE if live else PresenceStatus.AWAY
+        return PresenceEntry(member, status, record.info, live)
 
     def entry(self, member: str) -> PresenceEntry | None:
         """The roster entry of `member`, if it is in the room."""
