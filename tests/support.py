@@ -168,9 +168,12 @@ class Player:
     """A wsroom protocol client over a real WebSocket: hello, automatic pongs, batch
     unpacking. Frames are dicts; ``msgs`` collects every ``msg`` frame seen."""
 
-    def __init__(self, ws: WebSocket, *, answer_pings: bool = True) -> None:
+    def __init__(self, ws: WebSocket, *, answer_pings: bool = True,
+                 skip_presence: bool = True) -> None:
         self.ws = ws
         self.answer_pings = answer_pings
+        self.skip_presence = skip_presence
+        self.presence: list[dict[str, Any]] = []
         self.pending: list[dict[str, Any]] = []
         self.msgs: list[dict[str, Any]] = []
         self.seen: list[dict[str, Any]] = []
@@ -203,13 +206,17 @@ class Player:
         return self.welcome
 
     async def frame(self) -> dict[str, Any]:
-        """The next frame other than ``ping`` (pings are answered if enabled)."""
+        """The next frame other than ``ping`` (pings are answered if enabled) and,
+        unless `skip_presence` is False, ``presence`` (kept in `presence`)."""
         while True:
             while self.pending:
                 frame = self.pending.pop(0)
                 if frame["type"] == "ping":
                     if self.answer_pings:
                         await self.ws.send(json.dumps({"type": "pong", "id": frame["id"]}))
+                    continue
+                if frame["type"] == "presence" and self.skip_presence:
+                    self.presence.append(frame)
                     continue
                 if frame["type"] == "msg":
                     self.msgs.append(frame)

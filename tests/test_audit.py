@@ -13,6 +13,7 @@ import random
 import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, closing
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +40,14 @@ SECRET = "SECRET-TOKEN-7f3a9c"
 PAYLOAD = "PAYLOAD-MARKER-41d2"
 
 
+WINDOW = 0.3
+"""The resume window of these tests: sessions of dropped clients end this soon, so
+that 'registries return to zero' can be checked."""
+
+
 def lobby_hub(config: HubConfig | None = None, **kwargs: Any) -> Hub:
     """A hub whose members all join 'lobby'."""
-    hub = Hub(config or HubConfig(), **kwargs)
+    hub = Hub(replace(config or HubConfig(), resume_window=WINDOW), **kwargs)
 
     @hub.on_connect
     async def join(conn: Connection) -> None:
@@ -52,11 +58,15 @@ def lobby_hub(config: HubConfig | None = None, **kwargs: Any) -> Hub:
 
 def assert_released(hub: Hub) -> None:
     stats = hub.stats()
-    assert (stats.connections, stats.rooms, stats.members, stats.queued_bytes) == (0, 0, 0, 0)
+    assert (stats.connections, stats.sessions, stats.rooms, stats.members,
+            stats.queued_bytes) == (0, 0, 0, 0, 0)
 
 
 async def drained(hub: Hub) -> None:
+    """Every connection is released and, after the resume window, every session."""
     await wait_for(lambda: hub.stats().connections == 0)
+    assert hub.stats().queued_bytes == 0
+    await wait_for(lambda: hub.stats().sessions == 0, timeout=WINDOW + 5)
     assert_released(hub)
 
 
@@ -198,7 +208,8 @@ async def test_failure_02_failed_send_evicts_the_dead_socket_once(
 
     @hub.on_disconnect
     async def gone(conn: Connection) -> None:
-        released.append(conn.id)
+        assert conn.session is not None
+        released.append(conn.session)
 
     async with serve(hub_app(hub)) as url, Player.connect(url + "/ws") as witness:
         victim_ws = await connect(url + "/ws")
@@ -217,7 +228,7 @@ async def test_failure_02_failed_send_evicts_the_dead_socket_once(
     session = welcome["session"]
     assert released.count(session) == 1
     closed_lines = [r for r in wsroom_records(caplog)
-                    if f"conn={session}" in r.getMessage() and ": closed," in r.getMessage()]
+                    if f"session={session}" in r.getMessage() and ": closed," in r.getMessage()]
     assert len(closed_lines) == 1
     assert sum(hub.stats().closes.values()) == 2
 
@@ -270,7 +281,8 @@ async def test_failure_04_every_path_from_upgrade_releases_the_socket() -> None:
             return Identity(id=token)
         return None
 
-    hub = Hub(HubConfig(ping_interval=5, pong_timeout=5), authenticate=authenticate)
+    hub = Hub(HubConfig(ping_interval=5, pong_timeout=5, resume_window=WINDOW),
+              authenticate=authenticate)
 
     @hub.on_connect
     async def join(conn: Connection) -> None:
@@ -433,10 +445,10 @@ async def test_failure_07_errors_are_logged_with_ids_never_tokens_or_payloads(
     assert SECRET not in text
     assert PAYLOAD not in text
     lines = [r.getMessage() for r in wsroom_records(caplog)]
-    assert any(f"conn={session} member=player-7" in line and "handler for event 'crash'"
+    assert any(f"member=player-7 session={session}" in line and "handler for event 'crash'"
                in line for line in lines)
-    assert any(f"conn={session} member=player-7: closed, reason=message_too_big code=1009"
-               in line for line in lines)
+    assert any(f"member=player-7 session={session}: closed, reason=message_too_big "
+               "code=1009" in line for line in lines)
 
 
 # 8 ------------------------------------------------------------------------------

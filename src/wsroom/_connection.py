@@ -357,7 +357,9 @@ class Connection:
 
     def _tag(self) -> str:
         member = self.identity.id if self.identity else "-"
-        return f"conn={self.id} member={member}"
+        if self._session is None:
+            return f"conn={self.id} member={member}"
+        return f"conn={self.id} member={member} session={self._session.id}"
 
     def _request_close(self, reason: CloseReason, code: int | None = None,
                        text: str = "") -> None:
@@ -752,8 +754,8 @@ class Connection:
         for envelope, policy in live:
             self._enqueue(envelope, policy)
         replayed = sum(len(p.frames) for p in plans if p.recovered)
-        log.info("%s: welcomed, session=%s resumed=%s rooms=%d replayed=%d", self._tag(),
-                 session.id, self._resumed, len(plans) - 1, replayed)
+        log.info("%s: welcomed, resumed=%s rooms=%d replayed=%d", self._tag(),
+                 self._resumed, len(plans) - 1, replayed)
         self._welcomed.set()
         self._wake()
 

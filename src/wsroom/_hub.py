@@ -462,6 +462,9 @@ class Hub:
                 conn._abort()
             with anyio.move_on_after(config.close_timeout + config.hook_timeout + 1):
                 await self._wait_empty()
+        # Nobody can resume any more: the sessions end with the hub.
+        for session in self._sessions.all():
+            await self._end_session(session)
         log.info("hub stopped")
 
     async def _wait_empty(self) -> None:

@@ -115,6 +115,10 @@ class SessionRegistry(Generic[IdentityT, ConnT]):
         """The session called `session_id`, if it exists."""
         return self._sessions.get(session_id)
 
+    def all(self) -> list[Session[IdentityT, ConnT]]:
+        """Every session, live and detached."""
+        return list(self._sessions.values())
+
     def of_member(self, member: str) -> list[Session[IdentityT, ConnT]]:
         """The sessions of `member` (live and detached)."""
         return list(self._by_member.get(member, {}).values())
