@@ -147,9 +147,10 @@ async def test_reconnect_codes_reconnect_and_terminal_codes_stop() -> None:
         await client.wait_connected()
         first = client.session
         with pytest.raises(RequestError) as lost:
-            await client.request("bye", 4000)  # reconnect range: no reply, a new session
+            await client.request("bye", 4000)  # reconnect range: no reply, a resume
         assert lost.value.code == "connection_lost"
-        await wait_for(lambda: client.connected and client.session != first)
+        await wait_for(lambda: client.connected and client.connects == 2)
+        assert client.session == first
         await client.send("bye", 4500)  # terminal
         await wait_for(lambda: client.closed is not None)
         with pytest.raises(ClientClosed) as closed:

@@ -5,7 +5,9 @@ In-memory transport (no sockets), on asyncio and trio."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Hashable
 from typing import Any
+from unittest.mock import ANY
 
 import anyio
 import pytest
@@ -28,6 +30,7 @@ from wsroom import (
     Reject,
     RoomConfig,
 )
+from wsroom._backplane import Envelope
 
 pytestmark = pytest.mark.anyio
 
@@ -157,12 +160,14 @@ async def test_personal_messages_use_the_inbox_stream_and_close_flushes() -> Non
     async def kick(ctx: MessageContext, data: Any) -> None:
         await ctx.connection.send("bye", 2)
         ctx.connection.close(4500, "kicked")
-        assert not await ctx.connection.send("too late", 3)
+        # Kept in the session's inbox until the session ends; never sent on a
+        # closing connection.
+        assert await ctx.connection.send("too late", 3) == 3
 
     async with running(hub) as (peer, _):
         await welcomed(peer)
         welcome = of_type(peer, "welcome")[0]
-        assert welcome["streams"]["@inbox"] == {"epoch": welcome["session"], "offset": 0,
+        assert welcome["streams"]["@inbox"] == {"epoch": ANY, "offset": 0,
                                                 "recovered": False}
         await peer.transport.client_send({"type": "msg", "event": "kick-me"})
         await closed(peer)
@@ -189,6 +194,12 @@ async def test_close_rejects_codes_that_may_not_be_sent() -> None:
     assert len(errors) == 3
 
 
+def push(conn: Connection, frame: str, size: int, policy: Policy,
+         key: Hashable | None = None) -> None:
+    """Queue a frame on `conn` as a broadcast would (unnumbered: a test frame)."""
+    conn._enqueue(Envelope("test", "e", 0, frame, size, key), policy)
+
+
 async def test_drop_oldest_and_coalesce_discard_only_their_own_frames() -> None:
     hub = Hub(HubConfig(max_queue_messages=10),
               room_config=lambda name: RoomConfig(policy=Policy(name.split(":")[0])))
@@ -204,13 +215,13 @@ async def test_drop_oldest_and_coalesce_discard_only_their_own_frames() -> None:
         # and the next push): exactly what a member that does not read experiences.
         conn = hub.members("drop_oldest:cursors")[0]
         for n in range(20):
-            conn._enqueue(f'{{"type":"t","c":{n}}}', 20, Policy.DROP_OLDEST, None)
+            push(conn, f'{{"type":"t","c":{n}}}', 20, Policy.DROP_OLDEST)
         assert len(conn._queue) == 10
         assert hub.stats().discarded == 10
         await wait_for(lambda: any(f.get("c") == 19 for f in peer.frames))
         for n in range(30):
-            conn._enqueue(f'{{"type":"t","s":{n},"k":{n % 3}}}', 28, Policy.COALESCE,
-                          ("coalesce:scores", n % 3))
+            push(conn, f'{{"type":"t","s":{n},"k":{n % 3}}}', 28, Policy.COALESCE,
+                 ("coalesce:scores", n % 3))
         assert len(conn._queue) <= 10
         await wait_for(lambda: any(f.get("s") == 29 for f in peer.frames))
     cursors = [f["c"] for f in peer.frames if "c" in f]
@@ -235,7 +246,7 @@ async def test_disconnect_policy_closes_a_full_queue_with_3008() -> None:
         await welcomed(peer)
         conn = hub.members("room")[0]
         for n in range(11):  # synchronously: the writer gets no chance to drain
-            conn._enqueue(f'{{"type":"t","n":{n}}}', 20, Policy.DISCONNECT, None)
+            push(conn, f'{{"type":"t","n":{n}}}', 20, Policy.DISCONNECT)
         await closed(peer)
     assert peer.close_code == CloseCode.SLOW_CONSUMER
     assert hub.stats().closes == {"slow_consumer": 1}

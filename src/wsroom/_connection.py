@@ -116,9 +116,10 @@ class _StreamPlan:
     recovered: bool
     frames: tuple[str, ...] = ()
     """Replayed frames (recovered) or the snapshot frame (not recovered)."""
-    cut: int = 0
+    cut: int | None = None
     """The last offset covered by `frames` or the snapshot: buffered live messages
-    up to it are duplicates."""
+    up to it are duplicates. None (no snapshot, not recovered): the client starts
+    with the first message buffered since the stream was attached or joined."""
 
 
 class Connection:
@@ -700,8 +701,10 @@ class Connection:
                                        found.frames, found.offset)
             if plan is None:
                 epoch, offset = await backplane.position(key)
-                plan = _StreamPlan(wire, key, epoch, offset, False, (), offset)
+                plan = _StreamPlan(wire, key, epoch, offset, False)
                 if hub._snapshot_hook is not None:
+                    # The snapshot reflects at least everything up to `offset`.
+                    plan.cut = offset
                     ok, data = await self._guarded("snapshot hook",
                                                    hub._snapshot_hook(self, wire))
                     if not ok:
@@ -717,12 +720,21 @@ class Connection:
         """Merge the buffered deliveries behind the replay, queue the welcome, the
         replay and the buffer, and go live. Synchronous: nothing interleaves."""
         hub = self._hub
+        plan_of = {plan.key: plan for plan in plans}
         cuts = {plan.key: plan.cut for plan in plans}
         live = []
         for envelope, policy in self._pending or ():
-            cut = cuts.get(envelope.stream)
-            if cut is None or envelope.offset <= cut:
-                continue  # a stream left meanwhile, or a duplicate of the replay
+            if envelope.stream not in cuts:
+                continue  # a stream left meanwhile
+            cut = cuts[envelope.stream]
+            if cut is None:
+                # Everything buffered since the stream was attached is new to the client.
+                plan = plan_of[envelope.stream]
+                if plan.epoch != envelope.epoch:
+                    continue
+                cut = plan.offset = envelope.offset - 1
+            if envelope.offset <= cut:
+                continue  # a duplicate of the replay, or in the snapshot
             if envelope.offset != cut + 1:
                 log.warning("%s: hole in a stream during the handshake", self._tag())
                 self._request_close(CloseReason.GAP)
@@ -731,7 +743,8 @@ class Connection:
             live.append((envelope, policy))
         self._pending = None
         self._pending_bytes = 0
-        self._positions = cuts
+        self._positions = {key: plan_of[key].offset if cut is None else cut
+                           for key, cut in cuts.items()}
         try:
             token = hub._issue_token(session, presented)
         except ValueError:

@@ -46,7 +46,8 @@ async def flood(ctx: MessageContext, data: Flood) -> dict[str, object]:
     for number in range(data.count):
         await hub.publish("lobby", "n", {"n": number, "pad": pad})
         for conn in hub.connections():
-            largest[conn.id] = max(largest.get(conn.id, 0), conn.queued_bytes)
+            key = conn.session or conn.id
+            largest[key] = max(largest.get(key, 0), conn.queued_bytes)
         if number % burst == burst - 1:
             await anyio.sleep(0.01)
     return {"largest_queue": largest, "stats": dataclasses.asdict(hub.stats())}
