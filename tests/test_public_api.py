@@ -28,4 +28,4 @@ def test_the_only_public_submodule_is_the_client() -> None:
                       and type(getattr(wsroom, name)).__name__ == "module"}
     assert public_modules == {"client"}
     assert set(wsroom.client.__all__) == {"Client", "ClientClosed", "Message",
-                                          "RequestError", "backoff_delay"}
+                                          "RequestError", "Snapshot", "backoff_delay"}

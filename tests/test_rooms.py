@@ -1,4 +1,5 @@
-"""Rooms, membership and streams (``wsroom._rooms``)."""
+"""Rooms and membership (``wsroom._rooms``); stream numbering lives in the backplane
+(``tests/test_backplane.py``)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from wsroom._config import RoomConfig
 from wsroom._queue import Policy
-from wsroom._rooms import Room, Rooms, Stream
+from wsroom._rooms import Room, Rooms
 
 CONFIG = RoomConfig()
 
@@ -16,71 +17,64 @@ CONFIG = RoomConfig()
 # --------------------------------------------------------------------------- units
 
 
-def test_stream_offsets_start_at_one() -> None:
-    stream = Stream("lobby", "e1")
-    assert (stream.name, stream.epoch, stream.offset) == ("lobby", "e1", 0)
-    assert [stream.next_offset() for _ in range(3)] == [1, 2, 3]
-    assert stream.offset == 3
-
-
-def test_join_creates_the_room_with_its_config_and_epoch() -> None:
+def test_join_creates_the_room_with_its_config() -> None:
     rooms: Rooms[str] = Rooms()
     config = RoomConfig(policy=Policy.COALESCE)
-    assert rooms.join("lobby", "alice", config=config, epoch="e1") is True
+    assert rooms.join("lobby", "alice", config=config) is True
     room = rooms.get("lobby")
     assert isinstance(room, Room)
     assert room.name == "lobby"
     assert room.config is config
-    assert room.stream.name == "lobby"
-    assert room.stream.epoch == "e1"
     assert room.members == ("alice",)
     assert "lobby" in rooms
     assert len(rooms) == 1
 
 
-def test_joining_an_existing_room_keeps_its_config_and_epoch() -> None:
+def test_joining_an_existing_room_keeps_its_config() -> None:
     rooms: Rooms[str] = Rooms()
-    rooms.join("lobby", "alice", config=CONFIG, epoch="e1")
-    rooms.join("lobby", "bob", config=RoomConfig(policy=Policy.DROP_OLDEST), epoch="e2")
+    rooms.join("lobby", "alice", config=CONFIG)
+    rooms.join("lobby", "bob", config=RoomConfig(policy=Policy.DROP_OLDEST))
     room = rooms.get("lobby")
     assert room is not None
     assert room.config is CONFIG
-    assert room.stream.epoch == "e1"
+    assert room.members == ("alice", "bob")
 
 
 def test_join_twice_is_a_no_op() -> None:
     rooms: Rooms[str] = Rooms()
-    assert rooms.join("lobby", "alice", config=CONFIG, epoch="e1") is True
-    assert rooms.join("lobby", "alice", config=CONFIG, epoch="e1") is False
+    assert rooms.join("lobby", "alice", config=CONFIG) is True
+    assert rooms.join("lobby", "alice", config=CONFIG) is False
     room = rooms.get("lobby")
     assert room is not None
     assert room.members == ("alice",)
     assert len(room) == 1
 
 
-def test_the_last_leave_removes_the_room_and_a_new_join_starts_a_new_stream() -> None:
+def test_the_last_leave_removes_the_room_and_a_new_join_starts_a_new_room() -> None:
     rooms: Rooms[str] = Rooms()
-    rooms.join("lobby", "alice", config=CONFIG, epoch="e1")
+    rooms.join("lobby", "alice", config=CONFIG)
     old = rooms.get("lobby")
     assert old is not None
-    old.stream.next_offset()
     assert rooms.leave("lobby", "alice") is True
     assert rooms.get("lobby") is None
     assert "lobby" not in rooms
     assert len(rooms) == 0
     assert rooms.member_count() == 0
-    rooms.join("lobby", "bob", config=CONFIG, epoch="e2")
+    other = RoomConfig(policy=Policy.DROP_OLDEST)
+    rooms.join("lobby", "bob", config=other)
     new = rooms.get("lobby")
     assert new is not None
     assert new is not old
-    assert (new.stream.epoch, new.stream.offset) == ("e2", 0)
+    assert new.members == ("bob",)
+    assert new.config is other  # a new room: the old one's settings are gone
+    assert old.members == ()
 
 
 def test_leaving_what_one_is_not_in_changes_nothing() -> None:
     rooms: Rooms[str] = Rooms()
     assert rooms.leave("nowhere", "alice") is False
     assert "nowhere" not in rooms
-    rooms.join("lobby", "alice", config=CONFIG, epoch="e1")
+    rooms.join("lobby", "alice", config=CONFIG)
     assert rooms.leave("lobby", "bob") is False
     assert rooms.rooms_of("bob") == frozenset()
     assert rooms.leave_all("bob") == []
@@ -91,8 +85,8 @@ def test_leaving_what_one_is_not_in_changes_nothing() -> None:
 def test_leave_all_returns_the_rooms_left_sorted() -> None:
     rooms: Rooms[str] = Rooms()
     for name in ("b", "c", "a"):
-        rooms.join(name, "alice", config=CONFIG, epoch="e")
-    rooms.join("b", "bob", config=CONFIG, epoch="e")
+        rooms.join(name, "alice", config=CONFIG)
+    rooms.join("b", "bob", config=CONFIG)
     assert rooms.rooms_of("alice") == frozenset({"a", "b", "c"})
     assert rooms.leave_all("alice") == ["a", "b", "c"]
     assert rooms.rooms_of("alice") == frozenset()
@@ -102,9 +96,9 @@ def test_leave_all_returns_the_rooms_left_sorted() -> None:
 
 def test_rooms_of_is_a_snapshot() -> None:
     rooms: Rooms[str] = Rooms()
-    rooms.join("a", "alice", config=CONFIG, epoch="e")
+    rooms.join("a", "alice", config=CONFIG)
     before = rooms.rooms_of("alice")
-    rooms.join("b", "alice", config=CONFIG, epoch="e")
+    rooms.join("b", "alice", config=CONFIG)
     rooms.leave("a", "alice")
     assert before == frozenset({"a"})
     assert rooms.rooms_of("alice") == frozenset({"b"})
@@ -112,16 +106,16 @@ def test_rooms_of_is_a_snapshot() -> None:
 
 def test_members_snapshot_is_reused_until_membership_changes() -> None:
     rooms: Rooms[str] = Rooms()
-    rooms.join("lobby", "alice", config=CONFIG, epoch="e")
+    rooms.join("lobby", "alice", config=CONFIG)
     room = rooms.get("lobby")
     assert room is not None
     first = room.members
     assert room.members is first  # a broadcast does not rebuild it
-    rooms.join("lobby", "bob", config=CONFIG, epoch="e")
+    rooms.join("lobby", "bob", config=CONFIG)
     second = room.members
     assert second == ("alice", "bob")
     assert first == ("alice",)
-    rooms.join("lobby", "bob", config=CONFIG, epoch="e")  # no change
+    rooms.join("lobby", "bob", config=CONFIG)  # no change
     assert room.members is second
 
 
@@ -129,14 +123,14 @@ def test_membership_can_change_while_a_broadcast_iterates() -> None:
     """The audit's failure 1: no 'changed size during iteration' during fan-out."""
     rooms: Rooms[int] = Rooms()
     for member in range(5):
-        rooms.join("lobby", member, config=CONFIG, epoch="e")
+        rooms.join("lobby", member, config=CONFIG)
     room = rooms.get("lobby")
     assert room is not None
     visited = []
     for member in room.members:
         visited.append(member)
         rooms.leave("lobby", member)  # e.g. its send failed
-        rooms.join("lobby", member + 10, config=CONFIG, epoch="e")  # someone joins
+        rooms.join("lobby", member + 10, config=CONFIG)  # someone joins
     assert visited == [0, 1, 2, 3, 4]
     assert room.members == (10, 11, 12, 13, 14)
 
@@ -147,8 +141,8 @@ def test_members_may_be_any_hashable() -> None:
 
     a, b = Conn(), Conn()
     rooms: Rooms[Conn] = Rooms()
-    rooms.join("x", a, config=CONFIG, epoch="e")
-    rooms.join("x", b, config=CONFIG, epoch="e")
+    rooms.join("x", a, config=CONFIG)
+    rooms.join("x", b, config=CONFIG)
     room = rooms.get("x")
     assert room is not None
     assert room.members == (a, b)
@@ -164,24 +158,17 @@ MEMBERS = st.integers(0, 5)
 
 
 class RoomsMachine(RuleBasedStateMachine):
-    """join / leave / leave_all (eviction) / publish against a dict-of-lists model."""
+    """join / leave / leave_all (eviction) against a dict-of-lists model."""
 
     def __init__(self) -> None:
         super().__init__()
         self.rooms: Rooms[int] = Rooms()
         self.model: dict[str, list[int]] = {}  # room -> members in join order
-        self.epochs: dict[str, str] = {}
-        self.offsets: dict[str, int] = {}
         self.snapshots: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
-        self.serial = 0
 
     def _join(self, name: str, member: int) -> None:
-        self.serial += 1
-        epoch = f"e{self.serial}"
         fresh = member not in self.model.get(name, [])
-        assert self.rooms.join(name, member, config=CONFIG, epoch=epoch) is fresh
-        if name not in self.model:
-            self.epochs[name], self.offsets[name] = epoch, 0
+        assert self.rooms.join(name, member, config=CONFIG) is fresh
         if fresh:
             self.model.setdefault(name, []).append(member)
 
@@ -191,7 +178,7 @@ class RoomsMachine(RuleBasedStateMachine):
         if present:
             self.model[name].remove(member)
             if not self.model[name]:
-                del self.model[name], self.epochs[name], self.offsets[name]
+                del self.model[name]
 
     @rule(name=NAMES, member=MEMBERS)
     def join(self, name: str, member: int) -> None:
@@ -208,16 +195,7 @@ class RoomsMachine(RuleBasedStateMachine):
         for name in expected:
             self.model[name].remove(member)
             if not self.model[name]:
-                del self.model[name], self.epochs[name], self.offsets[name]
-
-    @rule(name=NAMES)
-    def publish(self, name: str) -> None:
-        room = self.rooms.get(name)
-        if room is None:
-            assert name not in self.model
-            return
-        self.offsets[name] += 1
-        assert room.stream.next_offset() == self.offsets[name]
+                del self.model[name]
 
     @rule(name=NAMES)
     def take_snapshot(self, name: str) -> None:
@@ -255,8 +233,6 @@ class RoomsMachine(RuleBasedStateMachine):
             assert isinstance(room.members, tuple)
             assert len(room) == len(members)
             assert all(member in room for member in members)
-            assert room.stream.epoch == self.epochs[name]
-            assert room.stream.offset == self.offsets[name]
 
     @invariant()
     def no_empty_room_exists(self) -> None:

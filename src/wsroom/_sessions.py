@@ -146,6 +146,8 @@ class SessionRegistry(Generic[IdentityT, ConnT]):
 
     def detach(self, session: Session[IdentityT, ConnT], now: float) -> None:
         """The session's connection dropped; keep it for the window from `now`."""
+        if session.id not in self._sessions:
+            return  # ended already: nothing to keep
         session.connection = None
         session.detached_at = now
         self._detached.pop(session.id, None)

@@ -13,9 +13,13 @@ nothing for ``ping_interval + pong_timeout`` (as announced in its ``welcome``) i
 presumed dead: the client drops the socket and reconnects. A gap in a stream's offsets
 is treated the same way, so that the next ``hello`` can ask for what is missing.
 
-Resume with replay is negotiated by the server (see the recovery docs when it lands);
-until then, every reconnect is a new session whose ``welcome`` says
-``recovered: false`` for each stream and the client takes the new positions.
+Every reconnect presents the last ``welcome``'s resume token and the positions: the
+server replays what was missed (``recovered: true``; duplicates are dropped here by
+offset), or says ``recovered: false`` and sends a `Snapshot` of the stream, which
+`messages()` yields in its place in the sequence. A token the server refuses (3500: it
+expired, or the server's secret changed) is dropped and the client connects once more
+as a new session; a second refusal is final. ``presence`` frames keep `presence`
+current.
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from ._codes import should_reconnect
 from ._wsclient import ConnectionClosed, HandshakeRejected, WebSocket, connect
 
-__all__ = ["Client", "ClientClosed", "Message", "RequestError", "backoff_delay"]
+__all__ = ["Client", "ClientClosed", "Message", "RequestError", "Snapshot",
+           "backoff_delay"]
 
 log = logging.getLogger("wsroom.client")
 
@@ -52,6 +57,19 @@ class Message:
     epoch: str
     offset: int
     event: str
+    data: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The server's state of a stream as of ``offset``, sent instead of the missed
+    messages when they could not be replayed (or to a new session). Messages after
+    ``offset`` follow it; the snapshot may already reflect some of them, so apply
+    them idempotently (e.g. keyed by id)."""
+
+    stream: str
+    epoch: str
+    offset: int
     data: Any
 
 
@@ -84,13 +102,13 @@ def backoff_delay(attempt: int, *, base: float = 0.5, cap: float = 20.0,
 class _Messages:
     __slots__ = ("_inbox",)
 
-    def __init__(self, inbox: MemoryObjectReceiveStream[Message]) -> None:
+    def __init__(self, inbox: MemoryObjectReceiveStream[Message | Snapshot]) -> None:
         self._inbox = inbox
 
     def __aiter__(self) -> _Messages:
         return self
 
-    async def __anext__(self) -> Message:
+    async def __anext__(self) -> Message | Snapshot:
         try:
             return await self._inbox.receive()
         except (anyio.EndOfStream, anyio.ClosedResourceError):
@@ -156,6 +174,9 @@ class Client:
         """How many connections were attempted."""
         self.welcome: dict[str, Any] | None = None
         """The last ``welcome`` frame (its ``streams`` say what was recovered)."""
+        self.presence: dict[str, dict[str, dict[str, Any]]] = {}
+        """Per room, the roster: member id -> ``{"id", "status", "info",
+        "connections"}``, kept current from ``presence`` frames."""
         self._connection_number = 0
         self.closed: ClientClosed | None = None
         self._resume: str | None = None
@@ -167,9 +188,9 @@ class Client:
         self._pending: dict[str, _Pending] = {}
         self._next_ref = 0
         self._tg: TaskGroup | None = None
-        send, receive = anyio.create_memory_object_stream[Message](buffer)
-        self._inbox_send: MemoryObjectSendStream[Message] = send
-        self._inbox: MemoryObjectReceiveStream[Message] = receive
+        send, receive = anyio.create_memory_object_stream[Message | Snapshot](buffer)
+        self._inbox_send: MemoryObjectSendStream[Message | Snapshot] = send
+        self._inbox: MemoryObjectReceiveStream[Message | Snapshot] = receive
 
     # ------------------------------------------------------------------ lifetime
 
@@ -259,10 +280,17 @@ class Client:
             raise pending.error
         return pending.result
 
-    def messages(self) -> AsyncIterator[Message]:
+    def recovered(self, stream: str) -> bool | None:
+        """Whether the last ``welcome`` said `stream` was recovered (None if it did
+        not name the stream)."""
+        streams = (self.welcome or {}).get("streams", {})
+        return bool(streams[stream]["recovered"]) if stream in streams else None
+
+    def messages(self) -> AsyncIterator[Message | Snapshot]:
         """All messages, in order per stream, each once (``message.stream`` says
-        which); one sequence across reconnects. Ends when the client stops. (A plain
-        iterator, not an async generator: breaking out of ``async for`` is safe.)"""
+        which), and a `Snapshot` where a stream could not be recovered; one sequence
+        across reconnects. Ends when the client stops. (A plain iterator, not an
+        async generator: breaking out of ``async for`` is safe.)"""
         return _Messages(self._inbox)
 
     async def _send_frame(self, frame: dict[str, Any]) -> int:
@@ -286,9 +314,17 @@ class Client:
         attempt = 0
         try:
             while True:
+                presented = self._resume is not None
                 code, reason, lasted = await self._connect_once()
                 if lasted >= _STABLE_AFTER:
                     attempt = 0  # a connection that held resets the backoff
+                if code == 3500 and presented and not self._stopping:
+                    # The resume token was refused, not our credentials: start over
+                    # as a new session (a second refusal is final).
+                    log.info("resume token refused: connecting as a new session")
+                    self._resume = None
+                    self.positions.clear()
+                    continue
                 if self._stopping or not should_reconnect(code):
                     self.closed = ClientClosed(code, reason)
                     log.info("closed for good: %d", code)
@@ -370,6 +406,10 @@ class Client:
                             return welcomed_at  # a gap: reconnect and ask again
                     elif kind in ("reply", "error"):
                         self._on_answer(frame)
+                    elif kind == "snapshot":
+                        await self._on_snapshot(frame)
+                    elif kind == "presence":
+                        self._on_presence(frame)
                     elif kind == "welcome":
                         silence = float(frame["ping_interval"]) + float(frame["pong_timeout"])
                         self._on_welcome(frame)
@@ -406,6 +446,22 @@ class Client:
         await self._inbox_send.send(
             Message(stream, epoch, offset, frame.get("event", ""), frame.get("data")))
         return True
+
+    async def _on_snapshot(self, frame: dict[str, Any]) -> None:
+        stream, epoch, offset = frame["stream"], str(frame["epoch"]), int(frame["offset"])
+        self.positions[stream] = (epoch, offset)
+        await self._inbox_send.send(Snapshot(stream, epoch, offset, frame.get("data")))
+
+    def _on_presence(self, frame: dict[str, Any]) -> None:
+        room = str(frame["room"])
+        if "state" in frame:
+            self.presence[room] = {str(e["id"]): e for e in frame["state"]}
+            return
+        roster = self.presence.setdefault(room, {})
+        for entry in frame.get("joins", ()):
+            roster[str(entry["id"])] = entry
+        for member in frame.get("leaves", ()):
+            roster.pop(str(member), None)
 
     def _on_answer(self, frame: dict[str, Any]) -> None:
         pending = self._pending.get(str(frame.get("ref")))

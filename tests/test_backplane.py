@@ -1,0 +1,224 @@
+"""The in-memory backplane (``wsroom._backplane.MemoryBackplane``).
+
+It numbers each stream's messages, keeps their bounded history and delivers them
+synchronously, in offset order, to the callback the hub bound. A stream is forgotten
+when it is closed: opened again, it starts a new epoch.
+"""
+
+from __future__ import annotations
+
+import json
+
+import anyio
+import pytest
+
+from wsroom._backplane import Backplane, Envelope, MemoryBackplane
+from wsroom._history import HistoryLimits, Recovery
+from wsroom._protocol import msg_frame_from, msg_payload
+
+pytestmark = pytest.mark.anyio
+
+LIMITS = HistoryLimits()
+
+
+class Bound:
+    """A backplane bound to a recording callback."""
+
+    def __init__(self) -> None:
+        self.backplane = MemoryBackplane()
+        self.delivered: list[Envelope] = []
+        self.backplane.bind(self.delivered.append)
+
+    async def publish(self, stream: str, n: int, *, wire_name: str | None = None
+                      ) -> list[Envelope]:
+        return [await self.backplane.publish(stream, wire_name or stream,
+                                             msg_payload("e", {"n": k}))
+                for k in range(n)]
+
+
+async def test_open_creates_a_stream_with_a_fresh_epoch_at_offset_zero() -> None:
+    backplane = MemoryBackplane()
+    assert isinstance(backplane, Backplane)
+    assert len(backplane) == 0
+    epoch, offset = await backplane.open("lobby", LIMITS)
+    assert isinstance(epoch, str)
+    assert epoch
+    assert offset == 0
+    assert len(backplane) == 1
+    assert await backplane.position("lobby") == (epoch, 0)
+    other, _ = await backplane.open("other", LIMITS)
+    assert other != epoch
+    assert len(backplane) == 2
+
+
+async def test_open_again_returns_the_same_stream() -> None:
+    bound = Bound()
+    backplane = bound.backplane
+    epoch, _ = await backplane.open("lobby", LIMITS)
+    assert await backplane.open("lobby", LIMITS) == (epoch, 0)
+    await bound.publish("lobby", 3)
+    # Another local member opens it: same epoch, its current offset, history intact.
+    assert await backplane.open("lobby", HistoryLimits(max_messages=1)) == (epoch, 3)
+    assert len(backplane) == 1
+    recovery = await backplane.since("lobby", epoch, 0)
+    assert recovery.recovered
+    assert len(recovery.frames) == 3
+
+
+async def test_publish_numbers_frames_and_delivers_them_synchronously_in_order() -> None:
+    bound = Bound()
+    backplane = bound.backplane
+    epoch, _ = await backplane.open("lobby", LIMITS)
+    payloads = [msg_payload("chat", {"text": "hi"}), msg_payload("chat", "é€😀"),
+                msg_payload("move", None)]
+    returned = []
+    for number, payload in enumerate(payloads, start=1):
+        envelope = await backplane.publish("lobby", "lobby", payload)
+        # Delivered during publish: the callback saw it before publish returned.
+        assert bound.delivered[-1] is envelope
+        assert len(bound.delivered) == number
+        returned.append(envelope)
+    assert bound.delivered == returned
+    assert [e.offset for e in returned] == [1, 2, 3]
+    assert await backplane.position("lobby") == (epoch, 3)
+    for envelope, payload in zip(returned, payloads, strict=True):
+        assert envelope.stream == "lobby"
+        assert envelope.epoch == epoch
+        assert envelope.frame == msg_frame_from("lobby", epoch, envelope.offset, payload)
+        assert envelope.size == len(envelope.frame.encode("utf-8"))
+        assert envelope.key is None
+        assert envelope.exclude is None
+    frames = [json.loads(e.frame) for e in returned]
+    assert frames == [
+        {"type": "msg", "stream": "lobby", "epoch": epoch, "offset": 1, "event": "chat",
+         "data": {"text": "hi"}},
+        {"type": "msg", "stream": "lobby", "epoch": epoch, "offset": 2, "event": "chat",
+         "data": "é€😀"},
+        {"type": "msg", "stream": "lobby", "epoch": epoch, "offset": 3, "event": "move",
+         "data": None},
+    ]
+    assert list(frames[0]) == ["type", "stream", "epoch", "offset", "event", "data"]
+    assert returned[1].size > len(returned[1].frame)  # bytes, not characters
+
+
+async def test_publish_passes_key_and_exclude_through() -> None:
+    bound = Bound()
+    await bound.backplane.open("lobby", LIMITS)
+    envelope = await bound.backplane.publish("lobby", "lobby", msg_payload("e", 1),
+                                             key=("lobby", "cursor"), exclude="session-1")
+    assert bound.delivered == [envelope]
+    assert envelope.key == ("lobby", "cursor")
+    assert envelope.exclude == "session-1"
+
+
+async def test_the_wire_name_is_used_in_the_frame_and_the_key_in_the_envelope() -> None:
+    bound = Bound()
+    epoch, _ = await bound.backplane.open("@inbox/abc", LIMITS)
+    (envelope,) = await bound.publish("@inbox/abc", 1, wire_name="@inbox")
+    assert envelope.stream == "@inbox/abc"
+    assert json.loads(envelope.frame)["stream"] == "@inbox"
+    assert (await bound.backplane.since("@inbox/abc", epoch, 0)).frames == (envelope.frame,)
+
+
+async def test_streams_are_numbered_independently_and_delivered_in_publish_order() -> None:
+    bound = Bound()
+    backplane = bound.backplane
+    await backplane.open("a", LIMITS)
+    await backplane.open("b", LIMITS)
+    for stream in ("a", "b", "a", "a", "b"):
+        await bound.publish(stream, 1)
+    assert [(e.stream, e.offset) for e in bound.delivered] == [
+        ("a", 1), ("b", 1), ("a", 2), ("a", 3), ("b", 2),
+    ]
+
+
+async def test_since_recovers_exactly_the_tail() -> None:
+    bound = Bound()
+    backplane = bound.backplane
+    epoch, _ = await backplane.open("lobby", LIMITS)
+    frames = tuple(e.frame for e in await bound.publish("lobby", 5))
+    for offset in range(6):
+        assert await backplane.since("lobby", epoch, offset) == Recovery(
+            True, frames[offset:], epoch, 5
+        )
+
+
+async def test_since_is_not_recovered_for_another_epoch_or_a_future_offset() -> None:
+    bound = Bound()
+    backplane = bound.backplane
+    epoch, _ = await backplane.open("lobby", LIMITS)
+    await bound.publish("lobby", 3)
+    failed = Recovery(False, (), epoch, 3)
+    assert await backplane.since("lobby", epoch + "x", 1) == failed
+    assert await backplane.since("lobby", epoch + "x", 3) == failed
+    assert await backplane.since("lobby", epoch, 4) == failed
+    assert await backplane.since("lobby", epoch, -1) == failed
+
+
+async def test_since_is_not_recovered_when_the_history_was_pruned() -> None:
+    bound = Bound()
+    backplane = bound.backplane
+    epoch, _ = await backplane.open("lobby", HistoryLimits(max_messages=2))
+    frames = tuple(e.frame for e in await bound.publish("lobby", 5))
+    assert await backplane.since("lobby", epoch, 3) == Recovery(True, frames[3:], epoch, 5)
+    assert await backplane.since("lobby", epoch, 5) == Recovery(True, (), epoch, 5)
+    for offset in (0, 1, 2):
+        assert await backplane.since("lobby", epoch, offset) == Recovery(False, (), epoch, 5)
+
+
+async def test_since_is_not_recovered_when_the_history_aged_out() -> None:
+    bound = Bound()
+    backplane = bound.backplane
+    epoch, _ = await backplane.open("lobby", HistoryLimits(max_age=0.01))
+    await bound.publish("lobby", 2)
+    await anyio.sleep(0.05)
+    assert await backplane.since("lobby", epoch, 0) == Recovery(False, (), epoch, 2)
+    assert await backplane.since("lobby", epoch, 2) == Recovery(True, (), epoch, 2)
+
+
+async def test_close_forgets_the_stream_and_a_new_open_starts_a_new_epoch() -> None:
+    bound = Bound()
+    backplane = bound.backplane
+    old, _ = await backplane.open("lobby", LIMITS)
+    await bound.publish("lobby", 3)
+    await backplane.close("lobby")
+    assert len(backplane) == 0
+    assert await backplane.since("lobby", old, 1) == Recovery(False, (), "", 0)
+    new, offset = await backplane.open("lobby", LIMITS)
+    assert new != old
+    assert offset == 0
+    # A client of the old stream cannot mistake the new offsets for the old ones.
+    (envelope,) = await bound.publish("lobby", 1)
+    assert (envelope.epoch, envelope.offset) == (new, 1)
+    assert await backplane.since("lobby", old, 0) == Recovery(False, (), new, 1)
+    assert await backplane.since("lobby", old, 3) == Recovery(False, (), new, 1)
+    assert await backplane.since("lobby", new, 0) == Recovery(True, (envelope.frame,), new, 1)
+
+
+async def test_close_of_an_unknown_stream_is_harmless() -> None:
+    backplane = MemoryBackplane()
+    await backplane.close("nowhere")
+    await backplane.open("lobby", LIMITS)
+    await backplane.close("nowhere")
+    assert len(backplane) == 1
+
+
+async def test_publish_to_a_stream_that_is_not_open_raises_key_error() -> None:
+    bound = Bound()
+    backplane = bound.backplane
+    with pytest.raises(KeyError):
+        await backplane.publish("lobby", "lobby", msg_payload("e", 1))
+    await backplane.open("lobby", LIMITS)
+    await backplane.close("lobby")
+    with pytest.raises(KeyError):
+        await backplane.publish("lobby", "lobby", msg_payload("e", 1))
+    assert bound.delivered == []
+    assert len(backplane) == 0  # publishing did not create it
+
+
+async def test_since_and_position_of_an_unknown_stream() -> None:
+    backplane = MemoryBackplane()
+    assert await backplane.since("nowhere", "e", 0) == Recovery(False, (), "", 0)
+    with pytest.raises(KeyError):
+        await backplane.position("nowhere")
+    assert len(backplane) == 0  # asking did not create it
