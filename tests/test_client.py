@@ -16,7 +16,14 @@ from starlette.types import Receive, Scope, Send
 
 from support import current_backend, hub_app, serve, wait_for
 from wsroom import Connection, Handshake, Hub, HubConfig, Identity, MessageContext
-from wsroom.client import Client, ClientClosed, Message, RequestError, backoff_delay
+from wsroom.client import (
+    Client,
+    ClientClosed,
+    Message,
+    RequestError,
+    Snapshot,
+    backoff_delay,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -42,6 +49,9 @@ def scripted_server(script: Script, disconnects: list[int] | None = None
         hellos.append(json.loads(message["text"]))
 
         async def send_frame(frame: Any) -> None:
+            if isinstance(frame, dict) and frame["type"].startswith("websocket."):
+                await send(frame)  # a raw ASGI message, e.g. websocket.close
+                return
             text = frame if isinstance(frame, str) else json.dumps(frame)
             await send({"type": "websocket.send", "text": text})
 
@@ -124,6 +134,51 @@ async def test_a_gap_makes_the_client_reconnect_with_its_positions() -> None:
         assert [m.offset for m in await take(client, 3)] == [1, 2, 3]
     assert len(hellos) == 2
     assert hellos[1]["streams"] == {"room": {"epoch": "e", "offset": 2}}
+
+
+async def test_a_lossy_room_skips_offsets_without_a_reconnect() -> None:
+    async def script(send: Callable[[Any], Awaitable[None]], number: int) -> None:
+        frame = welcome(room=0)
+        frame["streams"]["room"]["lossy"] = True  # drop_oldest / coalesce
+        await send(frame)
+        for offset in (1, 4, 4, 2, 7):
+            await send(msg(offset))
+
+    app, hellos = scripted_server(script)
+    async with serve(app) as url, Client(url, min_backoff=0.01) as client:
+        assert [m.offset for m in await take(client, 3)] == [1, 4, 7]
+    assert len(hellos) == 1
+
+
+async def test_snapshots_presence_and_a_refused_token() -> None:
+    async def script(send: Callable[[Any], Awaitable[None]], number: int) -> None:
+        if number == 2:  # the resume token is refused: the client comes back without
+            await send({"type": "websocket.close", "code": 3500})
+            return
+        frame = welcome(room=5)
+        frame["resume"] = f"token-{number}"
+        await send(frame)
+        await send({"type": "presence", "room": "room", "state": [
+            {"id": "ann", "status": "online", "info": {}, "connections": [{}]}]})
+        await send({"type": "snapshot", "stream": "room", "epoch": "e", "offset": 5,
+                    "data": {"board": number}})
+        await send(msg(6))
+        await send({"type": "presence", "room": "room", "joins": [
+            {"id": "bob", "status": "away", "info": {}, "connections": []}],
+            "leaves": ["ann"]})
+        if number == 1:
+            await send({"type": "websocket.close", "code": 1012})
+
+    app, hellos = scripted_server(script)
+    async with serve(app) as url, Client(url, min_backoff=0.01) as client:
+        got = await take(client, 4)
+        assert client.recovered("room") is False
+        assert client.recovered("nowhere") is None
+        await wait_for(lambda: "bob" in client.presence.get("room", {}))
+        assert set(client.presence["room"]) == {"bob"}
+    assert [type(m).__name__ for m in got] == ["Snapshot", "Message", "Snapshot", "Message"]
+    assert [m.data for m in got if isinstance(m, Snapshot)] == [{"board": 1}, {"board": 3}]
+    assert [h.get("resume") for h in hellos] == [None, "token-1", None]
 
 
 async def test_a_silent_server_is_left_after_ping_interval_plus_pong_timeout() -> None:

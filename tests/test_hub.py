@@ -211,6 +211,11 @@ async def test_drop_oldest_and_coalesce_discard_only_their_own_frames() -> None:
 
     async with running(hub) as (peer, _):
         await welcomed(peer)
+        # The welcome tells the client that these rooms may skip offsets on purpose.
+        streams = of_type(peer, "welcome")[0]["streams"]
+        assert streams["drop_oldest:cursors"]["lossy"] is True
+        assert streams["coalesce:scores"]["lossy"] is True
+        assert "lossy" not in streams["@inbox"]
         # Publish without letting the writer run (no await between the calls' fan-out
         # and the next push): exactly what a member that does not read experiences.
         conn = hub.members("drop_oldest:cursors")[0]

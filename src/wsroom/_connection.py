@@ -116,10 +116,21 @@ class _StreamPlan:
     recovered: bool
     frames: tuple[str, ...] = ()
     """Replayed frames (recovered) or the snapshot frame (not recovered)."""
+    lossy: bool = False
+    """The room's policy may discard messages (drop_oldest, coalesce): the client
+    must not take a missing offset for a fault."""
     cut: int | None = None
     """The last offset covered by `frames` or the snapshot: buffered live messages
     up to it are duplicates. None (no snapshot, not recovered): the client starts
     with the first message buffered since the stream was attached or joined."""
+
+
+def _stream_entry(plan: _StreamPlan) -> dict[str, Any]:
+    entry: dict[str, Any] = {"epoch": plan.epoch, "offset": plan.offset,
+                             "recovered": plan.recovered}
+    if plan.lossy:
+        entry["lossy"] = True
+    return entry
 
 
 class Connection:
@@ -698,7 +709,7 @@ class Connection:
                 found = await backplane.since(key, position.epoch, position.offset)
                 if found.recovered:
                     plan = _StreamPlan(wire, key, found.epoch, position.offset, True,
-                                       found.frames, found.offset)
+                                       found.frames, cut=found.offset)
             if plan is None:
                 epoch, offset = await backplane.position(key)
                 plan = _StreamPlan(wire, key, epoch, offset, False)
@@ -710,6 +721,8 @@ class Connection:
                     if not ok:
                         return None
                     plan.frames = (snapshot_frame(wire, epoch, offset, data),)
+            room = hub._rooms.get(key)
+            plan.lossy = room is not None and room.config.policy is not Policy.DISCONNECT
             plans.append(plan)
             if self._sm.closing:
                 return None
@@ -758,8 +771,7 @@ class Connection:
         replay.append(welcome_frame(
             session=session.id, resume=token, ping_interval=hub.config.ping_interval,
             pong_timeout=hub.config.pong_timeout,
-            streams={p.wire: {"epoch": p.epoch, "offset": p.offset,
-                              "recovered": p.recovered} for p in plans},
+            streams={p.wire: _stream_entry(p) for p in plans},
         ))
         for plan in plans:
             replay.extend(plan.frames)

@@ -633,10 +633,7 @@ class Hub:
             await anyio.lowlevel.checkpoint()
             return
         conn._positions.pop(room, None)
-        if room not in self._rooms:
-            await self._backplane.close(room)
-        else:
-            await anyio.lowlevel.checkpoint()
+        await self._close_unused(room)
 
     def _leave_room(self, session: HubSession, room: str) -> bool:
         if not self._rooms.leave(room, session):
@@ -668,10 +665,19 @@ class Hub:
     async def _end_session(self, session: HubSession) -> None:
         """The session is over: it leaves its rooms (presence: leave) and is forgotten."""
         self._sessions.remove(session)
-        emptied = [room for room in sorted(self._rooms.rooms_of(session))
-                   if self._leave_room(session, room) and room not in self._rooms]
+        rooms = sorted(self._rooms.rooms_of(session))
+        for room in rooms:
+            self._leave_room(session, room)
         await self._backplane.close(_inbox_key(session.id))
-        for room in emptied:
+        for room in rooms:
+            await self._close_unused(room)
+
+    async def _close_unused(self, room: str) -> None:
+        """Close a room's stream if the room is gone. Checked at the moment of closing:
+        someone may have joined (re-creating the room) while we awaited."""
+        if room in self._rooms:
+            await anyio.lowlevel.checkpoint()
+        else:
             await self._backplane.close(room)
 
     async def _expire_sessions(self) -> None:

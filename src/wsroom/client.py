@@ -180,6 +180,7 @@ class Client:
         self._connection_number = 0
         self.closed: ClientClosed | None = None
         self._resume: str | None = None
+        self._lossy: set[str] = set()  # streams whose room may discard messages
         self._ws: WebSocket | None = None
         self._is_connected = False
         self._stopping = False
@@ -422,6 +423,8 @@ class Client:
         self.welcome = frame
         self.session = frame.get("session")
         self._resume = frame.get("resume")
+        self._lossy = {name for name, position in frame.get("streams", {}).items()
+                       if position.get("lossy")}
         for name, position in frame.get("streams", {}).items():
             known = self.positions.get(name)
             if position.get("recovered") and known and known[0] == position["epoch"]:
@@ -439,7 +442,7 @@ class Client:
                 return False
             if offset <= known[1]:
                 return True  # a duplicate
-            if offset != known[1] + 1:
+            if offset != known[1] + 1 and stream not in self._lossy:
                 log.warning("gap in stream %r: %d after %d", stream, offset, known[1])
                 return False
         self.positions[stream] = (epoch, offset)
