@@ -616,3 +616,58 @@ async def test_authenticate_reads_a_cookie_or_a_header_never_the_query_string() 
                                   headers=[("Authorization", "Bearer header-456")]) as player:
             assert (await player.request("whoami"))["data"] == "by-header"
     assert [query for _, _, query in seen] == ["", ""]
+
+
+async def test_an_excluded_sender_skips_the_message_without_a_gap() -> None:
+    """`publish(..., exclude=conn)`: the sender does not get its own message, and the
+    hole this leaves in its view of the stream is not mistaken for a lost message
+    (no 3010); the next message reaches it normally."""
+    hub = Hub()
+
+    @hub.on_connect
+    async def join(conn: Connection) -> None:
+        await conn.join("room")
+
+    @hub.on("say")
+    async def say(ctx: MessageContext, data: int) -> None:
+        await ctx.publish("room", "said", data, exclude_self=True)
+
+    async with running(hub) as (peer, _):
+        await welcomed(peer)
+        await peer.transport.client_send({"type": "msg", "event": "say", "data": 1})
+        await wait_for(lambda: hub.stats().messages_in >= 2)
+        await hub.publish("room", "said", 2)
+        await wait_for(lambda: len(of_type(peer, "msg")) == 1)
+        assert peer.close_code is None
+    assert [(m["offset"], m["data"]) for m in of_type(peer, "msg")] == [(2, 2)]
+    assert "gap" not in hub.stats().closes
+
+
+async def test_a_snapshot_never_swallows_what_on_connect_sent() -> None:
+    """A new session gets a snapshot of each stream, labelled with the position it
+    starts from, and then every message sent while its handshake ran."""
+    snapshots: list[str] = []
+
+    async def snapshot(conn: Connection, stream: str) -> Any:
+        snapshots.append(stream)
+        return {"of": stream}
+
+    hub = Hub(snapshot=snapshot)
+
+    @hub.on_connect
+    async def join(conn: Connection) -> None:
+        await conn.join("room")
+        await conn.send("greeting", 1)
+        await hub.publish("room", "early", 2)
+
+    async with running(hub) as (peer, _):
+        await wait_for(lambda: len(of_type(peer, "msg")) == 2)
+    welcome = of_type(peer, "welcome")[0]
+    assert {name: (s["offset"], s["recovered"]) for name, s in welcome["streams"].items()
+            } == {"@inbox": (0, False), "room": (0, False)}
+    assert sorted(snapshots) == ["@inbox", "room"]
+    kinds = [(f["type"], f["stream"], f["offset"]) for f in peer.frames
+             if f["type"] in ("snapshot", "msg")]
+    assert kinds == [("snapshot", "@inbox", 0), ("snapshot", "room", 0),
+                     ("msg", "@inbox", 1), ("msg", "room", 1)]
+    assert of_type(peer, "snapshot")[1]["data"] == {"of": "room"}

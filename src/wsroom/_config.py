@@ -115,6 +115,8 @@ class HubConfig:
             if isinstance(self.resume_secrets, (str, bytes, bytearray)):
                 raise TypeError("resume_secrets is a list of secrets, e.g. [secret]")
             object.__setattr__(self, "resume_secrets", tuple(self.resume_secrets))
+            if not self.resume_secrets:
+                raise ValueError("resume_secrets: give at least one secret, or None")
         if self.max_message_bytes > self.max_queue_bytes:
             # Not strictly needed, but a reply as large as a request must fit.
             raise ValueError("max_queue_bytes must be at least max_message_bytes")

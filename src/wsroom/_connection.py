@@ -115,14 +115,17 @@ class _StreamPlan:
     """The position reported in the welcome (the client's own when recovered)."""
     recovered: bool
     frames: tuple[str, ...] = ()
-    """Replayed frames (recovered) or the snapshot frame (not recovered)."""
+    """Replayed frames (recovered), or the snapshot frame once encoded."""
+    snapshot: tuple[Any] | None = None
+    """The app's snapshot data (not recovered, with a snapshot hook)."""
     lossy: bool = False
     """The room's policy may discard messages (drop_oldest, coalesce): the client
     must not take a missing offset for a fault."""
     cut: int | None = None
-    """The last offset covered by `frames` or the snapshot: buffered live messages
-    up to it are duplicates. None (no snapshot, not recovered): the client starts
-    with the first message buffered since the stream was attached or joined."""
+    """The last offset covered by the replay: buffered live messages up to it are
+    duplicates. None (not recovered): the client starts with the first message
+    buffered since the stream was attached or joined (nothing published while the
+    handshake ran is lost, snapshot or not)."""
 
 
 def _stream_entry(plan: _StreamPlan) -> dict[str, Any]:
@@ -199,7 +202,7 @@ class Connection:
         self.meta: dict[str, Any] = {}
         self._session: HubSession | None = None
         self._resumed = False
-        self._pending: list[tuple[Envelope, Policy]] | None = None
+        self._pending: list[tuple[Envelope, Policy, bool]] | None = None
         self._pending_bytes = 0
         self._positions: dict[str, int] = {}
         self._replay: deque[str] = deque()
@@ -313,18 +316,20 @@ class Connection:
 
     # ----------------------------------------------------------- used by the hub
 
-    def _deliver(self, envelope: Envelope, policy: Policy) -> None:
+    def _deliver(self, envelope: Envelope, policy: Policy, skip: bool = False) -> None:
         """Queue a numbered message without awaiting anything (never blocks).
 
         Before the welcome it is buffered for the handshake to merge; after it, a
         message at or before the stream's last offset is a duplicate (dropped), and
         one beyond the next offset means a hole: the client must resume (3010).
+        With `skip` (the publisher excluded this connection) only the stream's
+        position moves on.
         """
         if self._sm.closing:
             return
         pending = self._pending
         if pending is not None:
-            pending.append((envelope, policy))
+            pending.append((envelope, policy, skip))
             self._pending_bytes += envelope.size
             if (len(pending) > self._queue.max_messages
                     or self._pending_bytes > self._queue.max_bytes):
@@ -340,7 +345,8 @@ class Connection:
                 self._request_close(CloseReason.GAP)
                 return
         self._positions[envelope.stream] = envelope.offset
-        self._enqueue(envelope, policy)
+        if not skip:
+            self._enqueue(envelope, policy)
 
     def _enqueue(self, envelope: Envelope, policy: Policy) -> None:
         result = self._queue.push(envelope.frame, size=envelope.size, policy=policy,
@@ -714,13 +720,14 @@ class Connection:
                 epoch, offset = await backplane.position(key)
                 plan = _StreamPlan(wire, key, epoch, offset, False)
                 if hub._snapshot_hook is not None:
-                    # The snapshot reflects at least everything up to `offset`.
-                    plan.cut = offset
+                    # Taken now, it reflects at least everything up to `offset`, and
+                    # so up to the position it is labelled with (`_go_live`), which
+                    # is `offset` or earlier.
                     ok, data = await self._guarded("snapshot hook",
                                                    hub._snapshot_hook(self, wire))
                     if not ok:
                         return None
-                    plan.frames = (snapshot_frame(wire, epoch, offset, data),)
+                    plan.snapshot = (data,)
             room = hub._rooms.get(key)
             plan.lossy = room is not None and room.config.policy is not Policy.DISCONNECT
             plans.append(plan)
@@ -736,7 +743,7 @@ class Connection:
         plan_of = {plan.key: plan for plan in plans}
         cuts = {plan.key: plan.cut for plan in plans}
         live = []
-        for envelope, policy in self._pending or ():
+        for envelope, policy, skip in self._pending or ():
             if envelope.stream not in cuts:
                 continue  # a stream left meanwhile
             cut = cuts[envelope.stream]
@@ -747,13 +754,14 @@ class Connection:
                     continue
                 cut = plan.offset = envelope.offset - 1
             if envelope.offset <= cut:
-                continue  # a duplicate of the replay, or in the snapshot
+                continue  # a duplicate of the replay
             if envelope.offset != cut + 1:
                 log.warning("%s: hole in a stream during the handshake", self._tag())
                 self._request_close(CloseReason.GAP)
                 return
             cuts[envelope.stream] = envelope.offset
-            live.append((envelope, policy))
+            if not skip:
+                live.append((envelope, policy))
         self._pending = None
         self._pending_bytes = 0
         self._positions = {key: plan_of[key].offset if cut is None else cut
@@ -774,6 +782,9 @@ class Connection:
             streams={p.wire: _stream_entry(p) for p in plans},
         ))
         for plan in plans:
+            if plan.snapshot is not None:
+                plan.frames = (snapshot_frame(plan.wire, plan.epoch, plan.offset,
+                                              plan.snapshot[0]),)
             replay.extend(plan.frames)
         replay.extend(hub._attach_presence(session, self))
         for envelope, policy in live:

@@ -597,8 +597,8 @@ class Hub:
         exclude = envelope.exclude
         for session in room.members:
             conn = session.connection
-            if conn is not None and session.id != exclude:
-                conn._deliver(envelope, policy)
+            if conn is not None:
+                conn._deliver(envelope, policy, session.id == exclude)
 
     async def _join(self, conn: Connection, room: str) -> None:
         _check_room_name(room)
