@@ -145,7 +145,8 @@ class Hub:
         config: limits and timings; defaults are production-safe.
         authenticate: ``async (Handshake) -> Identity | None``. Return None to refuse
             (close 3500) or raise `Reject` for another close code. Without it every
-            client is accepted as an anonymous member named after its session id.
+            client is accepted as an anonymous member with a random id (kept when its
+            session is resumed).
         message_scope: ``(MessageContext) -> async context manager``; entered around
             every handler call, its value is ``ctx.scope`` (e.g. a DB session).
         room_config: ``(room name) -> RoomConfig`` for per-room settings; rooms it
