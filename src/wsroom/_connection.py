@@ -145,8 +145,8 @@ class Connection:
         identity: the member, once authenticated (None before).
         state: a dict for the application's per-connection state.
         meta: public metadata of this connection, shown in presence (e.g. a device
-            name); set it in ``authenticate``'s aftermath, i.e. an ``on_connect``
-            hook.
+            name); set it in an ``on_connect`` hook: presence reads it when the
+            connection is welcomed (or joins a room afterwards).
     """
 
     __slots__ = (
