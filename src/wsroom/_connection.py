@@ -888,6 +888,18 @@ class Connection:
             size = frame_size(reply)
         self._push_personal(reply, size)
 
+    def _resumable(self, reason: CloseReason) -> bool:
+        """Whether the client will come back for its session: decided by the code it
+        saw, or, when the server chose none, by how the connection was lost."""
+        code = self._sm.close_code
+        if code is not None:
+            return should_reconnect(code)
+        if reason in (CloseReason.SEND_FAILED, CloseReason.RECEIVE_FAILED):
+            return True
+        # 1005 (no status): uvicorn reports a connection lost without a close frame
+        # so, and a close frame without a code says nothing of the client's intent.
+        return self._peer_code == 1005 or should_reconnect(self._peer_code)
+
     async def _release(self) -> None:
         """Release everything the connection holds. Runs exactly once."""
         if self._released:
@@ -907,10 +919,8 @@ class Connection:
         self._hub._detach(self, reason)
         rooms = self.rooms
         self._final_rooms = rooms
-        # The code the client saw decides whether it comes back for its session.
-        code = sm.close_code if sm.close_code is not None else self._peer_code
         try:
-            await self._hub._connection_ended(self, should_reconnect(code))
+            await self._hub._connection_ended(self, self._resumable(reason))
         except Exception:
             log.exception("%s: releasing the session failed", self._tag())
         level = disposition(reason).log_level
