@@ -197,7 +197,7 @@ class Hub:
         self._signer = TokenSigner(config.resume_secrets or [secrets.token_bytes(32)])
         self._wall_clock: Callable[[], float] = time.time
         self._expiry_wakeup: anyio.Event | None = None
-        self._backplane = backplane or MemoryBackplane()
+        self._backplane = backplane if backplane is not None else MemoryBackplane()
         self._backplane.bind(self._deliver)
         self._stats = _Counters()
         self._phase = _Phase.IDLE
