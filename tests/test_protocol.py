@@ -102,8 +102,8 @@ def test_not_json(text: str | bytes) -> None:
         ({"type": "hello", "v": 2}, "hello.v"),
         ({"type": "hello", "v": 1, "resume": "r" * 1025}, "hello.resume"),
         ({"type": "hello", "v": 1, "streams": []}, "hello.streams"),
-        ({"type": "hello", "v": 1, "streams": {f"s{i}": {"epoch": "e", "offset": 0}
-                                               for i in range(257)}}, "hello.streams"),
+        ({"type": "hello", "v": 1, "streams": {"s" * 257: {"epoch": "e", "offset": 0}}},
+         "hello.streams"),
         ({"type": "hello", "v": 1, "streams": {"a": {"epoch": "e", "offset": -1}}}, "offset"),
         ({"type": "hello", "v": 1, "streams": {"a": {"epoch": "e" * 65, "offset": 0}}}, "epoch"),
         ({"type": "pong"}, "pong.id"),
@@ -315,3 +315,12 @@ def test_a_batch_splits_back_into_its_frames(items: list[tuple[str, Any]]) -> No
     batch = "\n".join(frames)
     assert batch.split("\n") == frames
     assert [json.loads(line) for line in batch.split("\n")] == [json.loads(f) for f in frames]
+
+
+def test_a_hello_may_name_many_streams() -> None:
+    """A session may be in many rooms: the number of positions is bounded only by
+    ``max_message_bytes``, which is checked before parsing."""
+    streams = {f"room-{i}": {"epoch": "e", "offset": i} for i in range(1000)}
+    hello = parse_client_frame(json.dumps({"type": "hello", "v": 1, "streams": streams}))
+    assert isinstance(hello, Hello)
+    assert len(hello.streams) == 1000

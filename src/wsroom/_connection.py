@@ -64,12 +64,14 @@ from ._protocol import (
     Hello,
     Msg,
     Pong,
+    StreamPosition,
     error_frame,
     parse_client_frame,
     ping_frame,
     reply_frame,
     safe_errors,
     snapshot_frame,
+    stream_frame,
     welcome_frame,
 )
 from ._queue import OutboundQueue, Policy, PushResult, frame_size
@@ -174,6 +176,7 @@ class Connection:
         "_session",
         "_sm",
         "_started_at",
+        "_starting",
         "_transport",
         "_wakeup",
         "_welcomed",
@@ -205,6 +208,7 @@ class Connection:
         self._pending: list[tuple[Envelope, Policy, bool]] | None = None
         self._pending_bytes = 0
         self._positions: dict[str, int] = {}
+        self._starting: dict[str, list[tuple[Envelope, Policy, bool]]] = {}
         self._replay: deque[str] = deque()
         self._final_rooms: frozenset[str] | None = None
         self._close_reason_text = ""
@@ -328,6 +332,8 @@ class Connection:
         if self._sm.closing:
             return
         pending = self._pending
+        if pending is None:
+            pending = self._starting.get(envelope.stream) if self._starting else None
         if pending is not None:
             pending.append((envelope, policy, skip))
             self._pending_bytes += envelope.size
@@ -345,8 +351,25 @@ class Connection:
                 self._request_close(CloseReason.GAP)
                 return
         self._positions[envelope.stream] = envelope.offset
-        if not skip:
+        if skip:
+            # Tell the client its position moved on, or it would see a gap.
+            self._push_personal(stream_frame(envelope.stream, envelope.epoch,
+                                             envelope.offset))
+        else:
             self._enqueue(envelope, policy)
+
+    def _start_stream(self, stream: str, epoch: str, offset: int, lossy: bool,
+                      buffered: list[tuple[Envelope, Policy, bool]]) -> None:
+        """A room joined after the welcome: announce its position, then deliver what
+        was buffered while it was being opened (duplicates dropped, holes refused)."""
+        self._pending_bytes -= sum(envelope.size for envelope, _, _ in buffered)
+        if self._sm.closing:
+            return
+        self._positions[stream] = offset
+        self._push_personal(stream_frame(stream, epoch, offset, lossy=lossy))
+        for envelope, policy, skip in buffered:
+            if envelope.epoch == epoch:
+                self._deliver(envelope, policy, skip)
 
     def _enqueue(self, envelope: Envelope, policy: Policy) -> None:
         result = self._queue.push(envelope.frame, size=envelope.size, policy=policy,
@@ -699,41 +722,60 @@ class Connection:
     async def _plan_streams(self, session: HubSession, hello: Hello
                             ) -> list[_StreamPlan] | None:
         """Decide, per stream of the session, replay or snapshot (awaits the
-        backplane and the app's snapshot hook; deliveries are buffered meanwhile)."""
+        backplane and the app's snapshot hook; deliveries are buffered meanwhile).
+
+        Rooms may be joined or left by other tasks while this awaits: it plans until
+        no stream is missing, and the check that ends the loop runs after the last
+        await, so `_go_live` (called at once) sees exactly these streams.
+        """
         from ._hub import _inbox_key  # a cycle at import time otherwise
 
         hub = self._hub
-        backplane = hub._backplane
         asked = hello.streams if self._resumed else {}
-        streams = [(INBOX, _inbox_key(session.id))]
-        streams += [(room, room) for room in sorted(hub._rooms.rooms_of(session))]
-        plans = []
-        for wire, key in streams:
-            plan = None
-            position = asked.get(wire)
-            if position is not None:
-                found = await backplane.since(key, position.epoch, position.offset)
-                if found.recovered:
-                    plan = _StreamPlan(wire, key, found.epoch, position.offset, True,
-                                       found.frames, cut=found.offset)
-            if plan is None:
-                epoch, offset = await backplane.position(key)
-                plan = _StreamPlan(wire, key, epoch, offset, False)
-                if hub._snapshot_hook is not None:
-                    # Taken now, it reflects at least everything up to `offset`, and
-                    # so up to the position it is labelled with (`_go_live`), which
-                    # is `offset` or earlier.
-                    ok, data = await self._guarded("snapshot hook",
-                                                   hub._snapshot_hook(self, wire))
-                    if not ok:
-                        return None
-                    plan.snapshot = (data,)
-            room = hub._rooms.get(key)
-            plan.lossy = room is not None and room.config.policy is not Policy.DISCONNECT
-            plans.append(plan)
-            if self._sm.closing:
-                return None
-        return plans
+        planned: dict[str, _StreamPlan] = {}
+        while True:
+            rooms = hub._rooms.rooms_of(session)
+            streams = [(INBOX, _inbox_key(session.id))]
+            streams += [(room, room) for room in sorted(rooms)]
+            todo = [(wire, key) for wire, key in streams if key not in planned]
+            if not todo:
+                return [planned[key] for _, key in streams]
+            for wire, key in todo:
+                try:
+                    plan = await self._plan_stream(wire, key, asked.get(wire))
+                except KeyError:  # the room was left, and its stream closed, meanwhile
+                    plan = None
+                if self._sm.closing:
+                    return None
+                if plan is not None:
+                    planned[key] = plan
+
+    async def _plan_stream(self, wire: str, key: str, position: StreamPosition | None
+                           ) -> _StreamPlan | None:
+        """Plan one stream; None if the app's snapshot hook failed (closing)."""
+        hub = self._hub
+        backplane = hub._backplane
+        plan = None
+        if position is not None:
+            found = await backplane.since(key, position.epoch, position.offset)
+            if found.recovered:
+                plan = _StreamPlan(wire, key, found.epoch, position.offset, True,
+                                   found.frames, cut=found.offset)
+        if plan is None:
+            epoch, offset = await backplane.position(key)
+            plan = _StreamPlan(wire, key, epoch, offset, False)
+            if hub._snapshot_hook is not None:
+                # Taken now, it reflects at least everything up to `offset`, and so up
+                # to the position it is labelled with (`_go_live`), which is `offset`
+                # or earlier.
+                ok, data = await self._guarded("snapshot hook",
+                                               hub._snapshot_hook(self, wire))
+                if not ok:
+                    return None
+                plan.snapshot = (data,)
+        room = hub._rooms.get(key)
+        plan.lossy = room is not None and room.config.policy is not Policy.DISCONNECT
+        return plan
 
     def _go_live(self, session: HubSession, plans: list[_StreamPlan],
                  presented: int | None) -> None:
@@ -760,8 +802,7 @@ class Connection:
                 self._request_close(CloseReason.GAP)
                 return
             cuts[envelope.stream] = envelope.offset
-            if not skip:
-                live.append((envelope, policy))
+            live.append((envelope, policy, skip))
         self._pending = None
         self._pending_bytes = 0
         self._positions = {key: plan_of[key].offset if cut is None else cut
@@ -787,8 +828,12 @@ class Connection:
                                               plan.snapshot[0]),)
             replay.extend(plan.frames)
         replay.extend(hub._attach_presence(session, self))
-        for envelope, policy in live:
-            self._enqueue(envelope, policy)
+        for envelope, policy, skip in live:
+            if skip:  # excluded from it: only the position moves on
+                self._push_personal(stream_frame(envelope.stream, envelope.epoch,
+                                                 envelope.offset))
+            else:
+                self._enqueue(envelope, policy)
         replayed = sum(len(p.frames) for p in plans if p.recovered)
         log.info("%s: welcomed, resumed=%s rooms=%d replayed=%d", self._tag(),
                  self._resumed, len(plans) - 1, replayed)

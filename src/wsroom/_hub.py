@@ -48,8 +48,14 @@ from ._connection import INBOX, Connection, Identity
 from ._errors import HubNotRunning, MessageTooLarge
 from ._handlers import Handler, Handlers, MessageScope
 from ._presence import PresenceEntry, RoomPresence
-from ._protocol import encode, msg_payload, presence_diff_frame, presence_state_frame
-from ._queue import frame_size
+from ._protocol import (
+    encode,
+    left_frame,
+    msg_payload,
+    presence_diff_frame,
+    presence_state_frame,
+)
+from ._queue import Policy, frame_size
 from ._rooms import Rooms
 from ._sessions import Session, SessionRegistry
 from ._signals import drain_on_signals
@@ -231,7 +237,8 @@ class Hub:
 
     def on_disconnect(self, hook: C) -> C:
         """Register ``async (connection)`` run once when an authenticated connection
-        ends, after it has left its rooms (``connection.rooms`` still names them)."""
+        ends, whether its session ends, waits for a resume, or was taken over
+        (``connection.rooms`` names the session's rooms at that moment)."""
         self._disconnect_hooks.append(hook)
         return hook
 
@@ -538,12 +545,16 @@ class Hub:
                 return None
             session.identity = identity
             replaced = self._sessions.attach(session, conn)
+            conn._session, conn._resumed = session, True
             if replaced is not None:
                 replaced._request_close(CloseReason.REPLACED)
+            await anyio.lowlevel.checkpoint()
             return session, True
         if claims is not None:
             self._stats.resumes["new_session"] += 1
         session = self._sessions.create(identity.id, identity, conn)
+        # Before any await: if the client vanishes now, the release ends the session.
+        conn._session = session
         await self._backplane.open(_inbox_key(session.id), self.config.inbox_history)
         return session, False
 
@@ -589,7 +600,8 @@ class Hub:
         if stream.startswith(_INBOX_PREFIX):
             session = self._sessions.get(stream[len(_INBOX_PREFIX):])
             if session is not None and session.connection is not None:
-                session.connection._deliver(envelope, self.config.default_room.policy)
+                # Personal messages are never discarded by a policy.
+                session.connection._deliver(envelope, Policy.DISCONNECT)
             return
         room = self._rooms.get(stream)
         if room is None:
@@ -614,26 +626,37 @@ class Hub:
             return
         if created and config.presence:
             self._presence[room] = RoomPresence()
-        # A room that did not exist starts a stream (a new epoch in memory).
-        _, offset = await self._backplane.open(room, config.history)
-        if conn._pending is None and session.connection is conn:
-            # Welcomed already: live from here on; the client learns the stream from
-            # its first message. (Before the welcome, the welcome reports it.)
-            conn._positions.setdefault(room, offset)
-            roster = self._presence.get(room)
-            if roster is not None and room in self._rooms.rooms_of(session):
-                diff = roster.attach(session.member, session.id,
-                                     info=session.identity.info, meta=conn.meta)
-                self._broadcast_presence(room, diff, skip=conn)
-                conn._push_personal(
-                    presence_state_frame(room, [e.to_wire() for e in roster.state()]))
+        if conn._pending is not None:
+            # During the handshake: the welcome will report the stream.
+            await self._backplane.open(room, config.history)
+            return
+        # Welcomed already: buffer the room's deliveries until its position is known,
+        # then announce the stream (a `stream` frame) and deliver what follows it.
+        conn._starting[room] = []
+        try:
+            # A room that did not exist starts a stream (a new epoch in memory).
+            epoch, offset = await self._backplane.open(room, config.history)
+        finally:
+            buffered = conn._starting.pop(room, [])
+        if session.connection is not conn or room not in self._rooms.rooms_of(session):
+            return  # replaced, or left again meanwhile
+        conn._start_stream(room, epoch, offset, config.policy is not Policy.DISCONNECT,
+                           buffered)
+        roster = self._presence.get(room)
+        if roster is not None:
+            diff = roster.attach(session.member, session.id,
+                                 info=session.identity.info, meta=conn.meta)
+            self._broadcast_presence(room, diff, skip=conn)
+            conn._push_personal(
+                presence_state_frame(room, [e.to_wire() for e in roster.state()]))
 
     async def _leave(self, conn: Connection, room: str) -> None:
         session = conn._session
         if session is None or not self._leave_room(session, room):
             await anyio.lowlevel.checkpoint()
             return
-        conn._positions.pop(room, None)
+        if conn._positions.pop(room, None) is not None:
+            conn._push_personal(left_frame(room))  # the client forgets its position
         await self._close_unused(room)
 
     def _leave_room(self, session: HubSession, room: str) -> bool:

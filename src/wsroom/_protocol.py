@@ -16,9 +16,9 @@ from ._codes import ErrorCode
 
 __all__ = [
     "BadFrame", "ClientFrame", "Hello", "Msg", "Pong", "StreamPosition", "encode",
-    "error_frame", "msg_frame", "msg_frame_from", "msg_payload", "parse_client_frame",
+    "error_frame", "left_frame", "msg_frame", "msg_frame_from", "msg_payload", "parse_client_frame",
     "ping_frame", "presence_diff_frame", "presence_state_frame", "reply_frame",
-    "safe_errors", "snapshot_frame", "welcome_frame",
+    "safe_errors", "snapshot_frame", "stream_frame", "welcome_frame",
 ]
 
 PROTOCOL_VERSION = 1
@@ -44,7 +44,8 @@ class Hello(_Frame):
     v: Literal[1]
     auth: Any = None
     resume: Annotated[str, Field(max_length=1024)] | None = None
-    streams: Annotated[dict[str, StreamPosition], Field(max_length=256)] = {}
+    # Bounded by max_message_bytes: a session may be in many rooms.
+    streams: dict[Annotated[str, Field(max_length=256)], StreamPosition] = {}
 
 
 class Pong(_Frame):
@@ -140,6 +141,21 @@ def msg_frame_from(stream: str, epoch: str, offset: int, payload: str) -> str:
 def msg_frame(stream: str, epoch: str, offset: int, event: str, data: Any) -> str:
     """Encode a ``msg`` frame."""
     return msg_frame_from(stream, epoch, offset, msg_payload(event, data))
+
+
+def stream_frame(stream: str, epoch: str, offset: int, *, lossy: bool = False) -> str:
+    """Encode a ``stream`` frame: the client's position on `stream` is now `offset`
+    (a room joined after the welcome, or a message the client was excluded from)."""
+    frame: dict[str, Any] = {"type": "stream", "stream": stream, "epoch": epoch,
+                             "offset": offset}
+    if lossy:
+        frame["lossy"] = True
+    return encode(frame)
+
+
+def left_frame(stream: str) -> str:
+    """Encode a ``left`` frame: the session is no longer in room `stream`."""
+    return encode({"type": "left", "stream": stream})
 
 
 def snapshot_frame(stream: str, epoch: str, offset: int, data: Any) -> str:

@@ -325,6 +325,7 @@ class Client:
                     log.info("resume token refused: connecting as a new session")
                     self._resume = None
                     self.positions.clear()
+                    self.presence.clear()
                     continue
                 if self._stopping or not should_reconnect(code):
                     self.closed = ClientClosed(code, reason)
@@ -409,6 +410,13 @@ class Client:
                         self._on_answer(frame)
                     elif kind == "snapshot":
                         await self._on_snapshot(frame)
+                    elif kind == "stream":
+                        self._on_stream(frame)
+                    elif kind == "left":
+                        stream = str(frame["stream"])
+                        self.positions.pop(stream, None)
+                        self._lossy.discard(stream)
+                        self.presence.pop(stream, None)
                     elif kind == "presence":
                         self._on_presence(frame)
                     elif kind == "welcome":
@@ -423,9 +431,12 @@ class Client:
         self.welcome = frame
         self.session = frame.get("session")
         self._resume = frame.get("resume")
-        self._lossy = {name for name, position in frame.get("streams", {}).items()
-                       if position.get("lossy")}
-        for name, position in frame.get("streams", {}).items():
+        streams = frame.get("streams", {})
+        self._lossy = {name for name, position in streams.items() if position.get("lossy")}
+        # The session's streams are exactly those: forget the others (rooms left).
+        for name in [name for name in self.positions if name not in streams]:
+            del self.positions[name]
+        for name, position in streams.items():
             known = self.positions.get(name)
             if position.get("recovered") and known and known[0] == position["epoch"]:
                 continue  # replay follows: keep our position to dedupe against it
@@ -449,6 +460,16 @@ class Client:
         await self._inbox_send.send(
             Message(stream, epoch, offset, frame.get("event", ""), frame.get("data")))
         return True
+
+    def _on_stream(self, frame: dict[str, Any]) -> None:
+        """A room joined after the welcome, or a message we were excluded from: our
+        position on the stream is now the frame's."""
+        stream = str(frame["stream"])
+        self.positions[stream] = (str(frame["epoch"]), int(frame["offset"]))
+        if frame.get("lossy"):
+            self._lossy.add(stream)
+        else:
+            self._lossy.discard(stream)
 
     async def _on_snapshot(self, frame: dict[str, Any]) -> None:
         stream, epoch, offset = frame["stream"], str(frame["epoch"]), int(frame["offset"])
