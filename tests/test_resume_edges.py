@@ -330,9 +330,9 @@ async def test_d6_a_room_left_during_the_handshake_crashes_the_connection() -> N
 
 
 # ----------------------------------------------------------------------------------
-# D7 (before the fix). The Python client never forgot a stream: every room it ever got a message from
-#     stays in `positions` and is sent in every resuming hello; the server accepts at
-#     most 256 streams in a hello (Hello.streams max_length), so a long-lived client
+# D7 (before the fix). The Python client never forgot a stream: every room it ever got
+#     a message from stayed in `positions` and was sent in every resuming hello; the
+#     server accepted at most 256 streams in a hello, so a long-lived client
 #     that went through many short-lived rooms is closed 3501 (terminal) on its next
 #     reconnect, and stops for good.
 
