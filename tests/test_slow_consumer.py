@@ -49,4 +49,9 @@ async def test_a_stalled_client_is_closed_3008_and_the_others_get_everything() -
             assert offsets == list(range(1, len(offsets) + 1))
             assert len(offsets) < count
             stats = (await trigger.request("stats", ref="s"))["data"]
-            assert stats["closes"] == {"slow_consumer": 1, "client_closed": readers - 1}
+            closes = stats["closes"]
+            assert closes.pop("slow_consumer") == 1
+            # The others left with a close frame; one may be noticed by a send to it (a
+            # presence change) failing before its close frame is read.
+            assert set(closes) <= {"client_closed", "send_failed"}
+            assert sum(closes.values()) == readers - 1

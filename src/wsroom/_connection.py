@@ -89,6 +89,9 @@ log = logging.getLogger("wsroom.connection")
 
 T = TypeVar("T")
 
+_SEND_FAILURE_GRACE = 1.0
+"""Seconds a failed send waits for the reader to report the peer's close."""
+
 INBOX = "@inbox"
 """Name of every connection's personal stream (room names may not start with '@')."""
 
@@ -523,6 +526,10 @@ class Connection:
                 try:
                     await transport.send(frames[0] if len(frames) == 1 else "\n".join(frames))
                 except Exception as exc:
+                    # Often the peer has just closed: give the reader a moment to see
+                    # its close frame (and code, which decides the session's fate);
+                    # the reader's end cancels this wait.
+                    await anyio.sleep(_SEND_FAILURE_GRACE)
                     log.warning("%s: send failed: %s", self._tag(), type(exc).__name__)
                     self._finish(CloseReason.SEND_FAILED)
                     return True
