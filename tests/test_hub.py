@@ -671,3 +671,46 @@ async def test_a_snapshot_never_swallows_what_on_connect_sent() -> None:
     assert kinds == [("snapshot", "@inbox", 0), ("snapshot", "room", 0),
                      ("msg", "@inbox", 1), ("msg", "room", 1)]
     assert of_type(peer, "snapshot")[1]["data"] == {"of": "room"}
+
+
+async def test_disconnect_ends_every_session_of_a_member() -> None:
+    """`hub.disconnect(member, code)`: the live connection gets what was queued, then
+    the code; a detached session of the same member ends too (no waiting for its
+    window), and the roster drops the member at once."""
+
+    async def authenticate(handshake: Handshake) -> Identity:
+        return Identity(id=str(handshake.auth))
+
+    hub = Hub(authenticate=authenticate)
+
+    @hub.on_connect
+    async def join(conn: Connection) -> None:
+        await conn.join("table")
+
+    async with hub.run(), anyio.create_task_group() as tg:
+        peers = []
+        for member in ("sam", "sam", "gm"):
+            transport = MemoryTransport()
+            peer = Peer(transport)
+            tg.start_soon(Connection(hub, transport)._run)
+            tg.start_soon(peer.pump)
+            await transport.client_send({"type": "hello", "v": 1, "auth": member})
+            await welcomed(peer)
+            peers.append(peer)
+        # One of sam's two sessions drops (1006): detached, waiting for a resume.
+        await peers[0].transport.client_disconnect(1006)
+        await wait_for(lambda: hub.stats().detached_sessions == 1)
+        await hub.publish("table", "news", "before the kick")
+        assert await hub.disconnect("sam", 4501, "kicked") == 2
+        assert await peers[1].wait_closed() == 4501
+        assert [e.member for e in hub.presence("table")] == ["gm"]
+        assert hub.stats().sessions == 1
+        assert await hub.disconnect("nobody") == 0
+        with pytest.raises(ValueError, match="may be sent"):
+            await hub.disconnect("gm", 1005)
+        tg.cancel_scope.cancel()
+    for peer in peers:
+        peer.transport.close_streams()
+    assert [m["data"] for m in of_type(peers[1], "msg")] == ["before the kick"]
+    leaves = [f for f in of_type(peers[2], "presence") if "sam" in f.get("leaves", [])]
+    assert len(leaves) == 1

@@ -45,7 +45,7 @@ from starlette.websockets import WebSocket
 from ._backplane import Backplane, Envelope, MemoryBackplane
 from ._config import HubConfig, RoomConfig
 from ._connection import INBOX, Connection, Identity
-from ._errors import HubNotRunning, MessageTooLarge
+from ._errors import HubNotRunning, MessageTooLarge, check_close
 from ._handlers import Handler, Handlers, MessageScope
 from ._presence import PresenceEntry, RoomPresence
 from ._protocol import (
@@ -362,6 +362,30 @@ class Hub:
         await anyio.lowlevel.checkpoint()
         return len(sessions)
 
+    async def disconnect(self, member: str, code: int = 1000, reason: str = "") -> int:
+        """End every session of `member` now (e.g. a kick, a ban, a logout elsewhere).
+
+        Its live connections are closed with `code` after what is already queued for
+        them (use a terminal code, 4500-4999, so that its clients do not come back),
+        and its sessions, detached ones included, end at once: they leave their rooms
+        (presence: *leave*) and their tokens can no longer resume them.
+
+        Returns:
+            The number of sessions ended (0: the member has none).
+
+        Raises:
+            ValueError: if `code` or `reason` may not be sent in a close frame.
+        """
+        check_close(code, reason)
+        sessions = self._sessions.of_member(member)
+        for session in sessions:
+            if session.connection is not None:
+                session.connection._request_close(CloseReason.APP, code, reason)
+            await self._end_session(session)
+        if not sessions:
+            await anyio.lowlevel.checkpoint()
+        return len(sessions)
+
     def _payload(self, event: str, data: Any, stream: str) -> str:
         payload = msg_payload(event, data)
         size = frame_size(payload) + frame_size(encode(stream)) + _FRAME_OVERHEAD
@@ -672,8 +696,9 @@ class Hub:
     async def _connection_ended(self, conn: Connection, resumable: bool) -> None:
         """`conn` was released: detach its session for the window, or end it."""
         session = conn._session
-        if session is None or session.connection is not conn:
-            return  # no session yet, or a newer connection took it over
+        if (session is None or session.connection is not conn
+                or self._sessions.get(session.id) is not session):
+            return  # no session yet, a newer connection took it over, or it ended
         if resumable and session.welcomed:
             self._sessions.detach(session, anyio.current_time())
             for room in sorted(self._rooms.rooms_of(session)):
