@@ -67,7 +67,7 @@ async def drained(hub: Hub) -> None:
     await wait_for(lambda: hub.stats().connections == 0)
     assert hub.stats().queued_bytes == 0
     await wait_for(lambda: hub.stats().sessions == 0, timeout=WINDOW + 5)
-    assert_released(hub)
+    assert_released(hub)  # at once: sessions end with their rooms, never half-way
 
 
 class SocketAudit:

@@ -378,12 +378,14 @@ class Hub:
         """
         check_close(code, reason)
         sessions = self._sessions.of_member(member)
+        ended = []
         for session in sessions:
             if session.connection is not None:
                 session.connection._request_close(CloseReason.APP, code, reason)
-            await self._end_session(session)
-        if not sessions:
-            await anyio.lowlevel.checkpoint()
+            ended.append((session, self._forget_session(session)))
+        for session, rooms in ended:
+            await self._close_streams(session, rooms)
+        await anyio.lowlevel.checkpoint()
         return len(sessions)
 
     def _payload(self, event: str, data: Any, stream: str) -> str:
@@ -495,8 +497,9 @@ class Hub:
             with anyio.move_on_after(config.close_timeout + config.hook_timeout + 1):
                 await self._wait_empty()
         # Nobody can resume any more: the sessions end with the hub.
-        for session in self._sessions.all():
-            await self._end_session(session)
+        ended = [(session, self._forget_session(session)) for session in self._sessions.all()]
+        for session, rooms in ended:
+            await self._close_streams(session, rooms)
         log.info("hub stopped")
 
     async def _wait_empty(self) -> None:
@@ -713,10 +716,19 @@ class Hub:
 
     async def _end_session(self, session: HubSession) -> None:
         """The session is over: it leaves its rooms (presence: leave) and is forgotten."""
+        await self._close_streams(session, self._forget_session(session))
+
+    def _forget_session(self, session: HubSession) -> list[str]:
+        """The synchronous part of ending a session; return the rooms it left. Ending
+        several sessions forgets them all before any await, so that nobody sees the
+        registries half-updated (sessions gone, their rooms not)."""
         self._sessions.remove(session)
         rooms = sorted(self._rooms.rooms_of(session))
         for room in rooms:
             self._leave_room(session, room)
+        return rooms
+
+    async def _close_streams(self, session: HubSession, rooms: list[str]) -> None:
         await self._backplane.close(_inbox_key(session.id))
         for room in rooms:
             await self._close_unused(room)
@@ -737,13 +749,15 @@ class Hub:
             deadline = sessions.next_expiry()
             with anyio.move_on_at(math.inf if deadline is None else deadline):
                 await wakeup.wait()
-            for session in sessions.expire(anyio.current_time()):
+            ended = [(session, self._forget_session(session))
+                     for session in sessions.expire(anyio.current_time())]
+            for session, rooms in ended:
                 log.info("session=%s member=%s: resume window expired", session.id,
                          session.member)
                 try:
-                    await self._end_session(session)
+                    await self._close_streams(session, rooms)
                 except Exception:
-                    log.exception("ending an expired session failed")
+                    log.exception("closing the streams of an expired session failed")
 
 
 _INBOX_PREFIX = INBOX + "/"
