@@ -12,6 +12,7 @@ from ._history import HistoryLimits
 from ._hub import Hub, HubStats
 from ._presence import PresenceEntry, PresenceStatus
 from ._queue import Policy
+from ._static import static_files
 from ._transport import Handshake
 
 __version__ = "0.1.0.dev0"
@@ -37,4 +38,5 @@ __all__ = (
     "RoomConfig",
     "WsroomError",
     "should_reconnect",
+    "static_files",
 )
