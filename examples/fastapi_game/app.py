@@ -67,8 +67,11 @@ def no_control_characters(value: str) -> str:
 
 Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=32),
                  AfterValidator(no_control_characters)]
-ChatText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=500)]
+ChatText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=500),
+                     AfterValidator(no_control_characters)]
 SceneText = Annotated[str, StringConstraints(strip_whitespace=True, max_length=2000)]
+# A database integer: a larger number is a client's mistake, not a crash.
+PlayerId = Annotated[int, Field(ge=1, le=2**63 - 1)]
 
 
 class NewPlayer(BaseModel):
@@ -104,7 +107,7 @@ class Scene(BaseModel):
 
 
 class Initiative(BaseModel):
-    order: list[int] = Field(max_length=100)
+    order: list[PlayerId] = Field(max_length=100)
     current: int = Field(ge=0)
 
     @model_validator(mode="after")
@@ -117,12 +120,12 @@ class Initiative(BaseModel):
 
 
 class WhisperTo(BaseModel):
-    to: int
+    to: PlayerId
     text: ChatText
 
 
 class Kick(BaseModel):
-    player_id: int
+    player_id: PlayerId
 
 
 # ------------------------------------------------ what clients see (events, snapshots)

@@ -281,8 +281,9 @@ $("#next-turn").onclick = () => {
 $("#whisper-form").onsubmit = async (event) => {
   event.preventDefault();
   const form = event.target.elements;
-  await act("whisper", { to: Number(form.to.value), text: form.text.value });
-  form.text.value = "";
+  if (await act("whisper", { to: Number(form.to.value), text: form.text.value })) {
+    form.text.value = "";
+  }
 };
 
 // ---------------------------------------------------------------- boot

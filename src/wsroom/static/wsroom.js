@@ -192,11 +192,13 @@ export class WsroomClient {
     return new Promise((resolve, reject) => {
       const pending = {resolve, reject, sentOn: 0, timer: null};
       const item = {frame: {type: "msg", event, data, ref}, resolve: () => {}, reject, pending};
-      pending.timer = setTimeout(() => {
-        this._pending.delete(ref);
-        this._outbox = this._outbox.filter((queued) => queued !== item);
-        reject(failure("timeout", `no answer within ${timeout} ms`));
-      }, timeout);
+      if (Number.isFinite(timeout)) { // setTimeout fires at once beyond 2**31 - 1 ms
+        pending.timer = setTimeout(() => {
+          this._pending.delete(ref);
+          this._outbox = this._outbox.filter((queued) => queued !== item);
+          reject(failure("timeout", `no answer within ${timeout} ms`));
+        }, Math.min(timeout, 2 ** 31 - 1));
+      }
       this._pending.set(ref, pending);
       this._enqueue(item);
     });
@@ -206,6 +208,7 @@ export class WsroomClient {
 
   _open() {
     this._retryTimer = null;
+    if (this._state === "closed") return;
     const presented = this._resumeToken !== null;
     let ws;
     try {
@@ -258,7 +261,9 @@ export class WsroomClient {
   _drop(code, why) {
     console.warn(`wsroom: ${why}: reconnecting`);
     const ws = this._detach();
-    try { ws.close(code, why.slice(0, 100)); } catch { /* already closing */ }
+    try {
+      ws.close(code); // no reason: a stream name in it could exceed 123 bytes
+    } catch { /* already closing */ }
     this._ended(ws, 1006, why, false);
   }
 
@@ -275,7 +280,7 @@ export class WsroomClient {
       this._presence.clear();
       this._save();
       this._setState("reconnecting", {code, reason});
-      this._open();
+      if (this._state !== "closed") this._open(); // the callback may have closed us
       return;
     }
     if (!shouldReconnect(code)) {
@@ -286,6 +291,7 @@ export class WsroomClient {
     const delay = backoffDelay(this._attempt, this.minBackoff, this.maxBackoff);
     this._attempt += 1;
     this._setState("reconnecting", {code, reason});
+    if (this._state === "closed") return; // the callback called close()
     this._retryTimer = setTimeout(() => this._open(), delay);
   }
 
