@@ -95,10 +95,19 @@ function showState(name, info = {}) {
   $("#state").textContent = label;
   $("#state").dataset.state = label;
   if (name === "closed" && info.code === 4501) {   // kicked: do not come back
-    localStorage.removeItem(STORE);
-    $("#table").hidden = true;
-    $("#removed").hidden = false;
+    removed();
+  } else if (name === "closed" && info.code === 3500) {
+    // Refused: kicked while this page was reconnecting, or the game is gone.
+    api("/api/me", { credential: state.me.credential }).catch((error) => {
+      if (error.status === 403) removed();
+    });
   }
+}
+
+function removed() {
+  localStorage.removeItem(STORE);
+  $("#table").hidden = true;
+  $("#removed").hidden = false;
 }
 
 function showError(text) {
