@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import pytest
 from starlette.applications import Starlette
 from starlette.requests import HTTPConnection
 from starlette.routing import WebSocketRoute
@@ -397,3 +399,26 @@ async def running(hub: Hub, *, hello: bool = True, answer_pings: bool = True,
         yield peer, tg
         tg.cancel_scope.cancel()
     transport.close_streams()
+
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+"""Debian's Chromium: the browser tests drive it (Playwright's downloads are unreachable)."""
+
+
+def playwright_or_skip() -> Any:
+    """Playwright's ``async_playwright``, or a skip when it or Chromium is missing; on CI
+    (``CI=true``) a clear failure instead, never a silent skip."""
+    missing = []
+    try:
+        from playwright.async_api import async_playwright
+    except ImportError:
+        missing.append("the playwright package (pip install -e '.[test]')")
+        async_playwright = None
+    if not Path(CHROMIUM).exists():
+        missing.append(f"Chromium at {CHROMIUM} (apt-get install chromium)")
+    if missing:
+        message = "browser tests need " + " and ".join(missing)
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return async_playwright

@@ -10,11 +10,8 @@ where they fail with a message that says what is missing.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -25,7 +22,7 @@ from starlette.responses import HTMLResponse
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.types import Receive, Scope, Send
 
-from support import serve, wait_for
+from support import CHROMIUM, playwright_or_skip, serve, wait_for
 from wsroom import (
     ClientError,
     Connection,
@@ -41,7 +38,6 @@ from wsroom import (
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 PAGE = """<!doctype html>
 <meta charset="utf-8"><title>wsroom.js test page</title>
@@ -82,24 +78,6 @@ def anyio_backend() -> str:
     return "asyncio"  # Playwright's async API runs on asyncio only
 
 
-def _playwright() -> Any:
-    """Playwright's entry point, or a skip (a clear failure on CI) when it cannot run."""
-    missing = []
-    try:
-        from playwright.async_api import async_playwright
-    except ImportError:
-        missing.append("the playwright package (pip install -e '.[test]')")
-        async_playwright = None
-    if not Path(CHROMIUM).exists():
-        missing.append(f"Chromium at {CHROMIUM} (apt-get install chromium)")
-    if missing:
-        message = "the browser client tests need " + " and ".join(missing)
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return async_playwright
-
-
 class Browser:
     """One page of the test page, and the server's WebSocket URL."""
 
@@ -137,7 +115,7 @@ class Browser:
 @asynccontextmanager
 async def browser(app: Any) -> AsyncIterator[Browser]:
     """Serve `app` (which must serve PAGE at ``/``) and open it in Chromium."""
-    async_playwright = _playwright()
+    async_playwright = playwright_or_skip()
     async with serve(app) as base, async_playwright() as playwright:
         chromium = await playwright.chromium.launch(executable_path=CHROMIUM,
                                                     args=["--no-sandbox"])

@@ -13,8 +13,6 @@ player's pages are saved under ``test-artifacts/browser/``.
 
 from __future__ import annotations
 
-import os
-import shutil
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -25,12 +23,11 @@ import anyio
 import anyio.abc
 import pytest
 
-from support import serve
+from support import CHROMIUM, playwright_or_skip, serve
 from wsroom import HubConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts" / "browser"
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
@@ -38,24 +35,6 @@ pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"  # Playwright's async API and aiosqlite need asyncio
-
-
-def _browser_or_skip() -> Any:
-    """Playwright and Chromium, or a clear failure on CI (never a silent skip there)."""
-    missing = []
-    try:
-        from playwright.async_api import async_playwright
-    except ImportError:
-        missing.append("the playwright package (pip install -e '.[dev]')")
-        async_playwright = None
-    if not Path(CHROMIUM).exists():
-        missing.append(f"Chromium at {CHROMIUM} (apt-get install chromium)")
-    if missing:
-        message = "browser tests need " + " and ".join(missing)
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return async_playwright
 
 
 class Blackhole:
@@ -138,7 +117,7 @@ async def log_lines(page: Any) -> list[str]:
 
 
 async def test_a_gm_and_two_players_in_chromium(tmp_path: Path) -> None:
-    async_playwright = _browser_or_skip()
+    async_playwright = playwright_or_skip()
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     async with serve(game_app(tmp_path)) as ws_url, async_playwright() as playwright:
         http = ws_url.replace("ws://", "http://")
