@@ -68,5 +68,5 @@ def test_library_codes_are_in_the_library_range() -> None:
 def test_error_codes_are_strings() -> None:
     assert str(ErrorCode.BAD_JSON) == "bad_json"
     assert {str(code) for code in ErrorCode} == {
-        "bad_json", "bad_frame", "unknown_event", "invalid_data", "internal",
+        "bad_json", "bad_frame", "unknown_event", "invalid_data", "rate_limited", "internal",
     }

@@ -92,6 +92,9 @@ class ErrorCode(str, Enum):
     """No handler is registered for the event."""
     INVALID_DATA = "invalid_data"
     """The event's `data` failed the handler's validation."""
+    RATE_LIMITED = "rate_limited"
+    """The client sent messages faster than the hub's ``rate_limit``; this one was
+    dropped (persisting closes the connection with 3013)."""
     INTERNAL = "internal"
     """The handler (or its payload model's validator) raised, its reply could not be
     encoded, or was too large; details are in the server log, never in the frame."""

@@ -58,6 +58,12 @@ class HubConfig:
             many bytes of them as one WebSocket frame (newline-separated JSON).
         batch_frames: set to False to always send one frame per message.
         error_budget: consecutive bad messages that close the connection with 3509.
+        rate_limit: application messages per second a client may send on average, or
+            None for no limit. Beyond it (and its burst) a message is dropped and
+            answered with a ``rate_limited`` error frame.
+        rate_burst: messages a client may send at once above `rate_limit`.
+        rate_patience: consecutive ``rate_limited`` messages after which the
+            connection is closed with 3013 (the client reconnects with backoff).
         inbox_size: application messages read ahead of the handlers per connection;
             beyond it the reader waits (TCP backpressure to the client).
         max_connections: global cap on connections of this hub (1013 beyond it), or
@@ -94,6 +100,9 @@ class HubConfig:
     max_batch_bytes: int = 64 * 1024
     batch_frames: bool = True
     error_budget: int = 10
+    rate_limit: float | None = 50.0
+    rate_burst: int = 100
+    rate_patience: int = 20
     inbox_size: int = 16
     max_connections: int | None = None
     close_timeout: float = 10.0

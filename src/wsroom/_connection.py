@@ -75,6 +75,7 @@ from ._protocol import (
     welcome_frame,
 )
 from ._queue import OutboundQueue, Policy, PushResult, frame_size
+from ._rate import RateLimiter, Verdict
 from ._state import CloseReason, ConnectionStateMachine, ConnState, disposition
 from ._tokens import ResumeClaims, TokenError
 from ._transport import Disconnected, Handshake, Transport
@@ -171,6 +172,7 @@ class Connection:
         "_pending_bytes",
         "_positions",
         "_queue",
+        "_rate",
         "_released",
         "_replay",
         "_resumed",
@@ -199,6 +201,8 @@ class Connection:
         self._sm = ConnectionStateMachine()
         self._queue = OutboundQueue(config.max_queue_bytes, config.max_queue_messages)
         self._budget = ErrorBudget(config.error_budget)
+        self._rate = (None if config.rate_limit is None else
+                      RateLimiter(config.rate_limit, config.rate_burst, config.rate_patience))
         self._heartbeat: Heartbeat | None = None
         self._inbox_send: MemoryObjectSendStream[Msg] | None = None
         self._wakeup: anyio.Event | None = None
@@ -631,7 +635,15 @@ class Connection:
                     heartbeat.pong_received(frame.id, anyio.current_time())
             elif isinstance(frame, Msg):
                 self._confirm()
-                await self._to_dispatcher(frame)
+                verdict = (Verdict.ALLOW if self._rate is None
+                           else self._rate.check(anyio.current_time()))
+                if verdict is Verdict.ALLOW:
+                    await self._to_dispatcher(frame)
+                elif verdict is Verdict.REFUSE:
+                    self._push_personal(error_frame(
+                        ErrorCode.RATE_LIMITED, "too many messages: slow down", frame.ref))
+                else:
+                    self._request_close(CloseReason.RATE_LIMITED)
             else:
                 self._bad(ErrorCode.BAD_FRAME, "hello was already received", None)
 

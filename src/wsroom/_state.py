@@ -48,6 +48,7 @@ class CloseReason(str, Enum):
     SLOW_CONSUMER = "slow_consumer"
     MESSAGE_TOO_BIG = "message_too_big"
     ERROR_BUDGET = "error_budget"
+    RATE_LIMITED = "rate_limited"
     HANDSHAKE_TIMEOUT = "handshake_timeout"
     HOOK_TIMEOUT = "hook_timeout"
     BAD_HANDSHAKE = "bad_handshake"
@@ -95,6 +96,7 @@ _DISPOSITIONS: dict[CloseReason, Disposition] = {
     CloseReason.SLOW_CONSUMER: Disposition(CloseCode.SLOW_CONSUMER, False, _WARNING),
     CloseReason.MESSAGE_TOO_BIG: Disposition(CloseCode.MESSAGE_TOO_BIG, False, _WARNING),
     CloseReason.ERROR_BUDGET: Disposition(CloseCode.ERROR_BUDGET, True, _WARNING),
+    CloseReason.RATE_LIMITED: Disposition(CloseCode.RATE_LIMITED, True, _WARNING),
     CloseReason.HANDSHAKE_TIMEOUT: Disposition(CloseCode.HANDSHAKE_TIMEOUT, False, _INFO),
     CloseReason.BAD_HANDSHAKE: Disposition(CloseCode.BAD_REQUEST, True, _INFO),
     CloseReason.AUTH_FAILED: Disposition(CloseCode.INVALID_TOKEN, True, _INFO),
