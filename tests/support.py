@@ -306,6 +306,9 @@ class MemoryTransport:
         self.accepted = True
         return True
 
+    async def refuse(self, code: int) -> None:
+        self.close_code = code
+
     async def receive(self) -> str | bytes | Disconnected:
         return await self._to_server.receive()
 

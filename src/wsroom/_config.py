@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 
 from ._history import HistoryLimits
+from ._origin import normalize_origin
 from ._queue import Policy
 
 __all__ = ["HubConfig", "RoomConfig"]
@@ -58,6 +59,11 @@ class HubConfig:
             many bytes of them as one WebSocket frame (newline-separated JSON).
         batch_frames: set to False to always send one frame per message.
         error_budget: consecutive bad messages that close the connection with 3509.
+        allowed_origins: the web pages allowed to connect, as exact origins
+            (``"https://game.example.com"``); a browser upgrade from any other Origin is
+            refused with HTTP 403 (3507 where a close frame must be used). None (the
+            default): no check. Requests without an Origin header (not from a browser)
+            are allowed.
         rate_limit: application messages per second a client may send on average, or
             None for no limit. Beyond it (and its burst) a message is dropped and
             answered with a ``rate_limited`` error frame.
@@ -100,6 +106,7 @@ class HubConfig:
     max_batch_bytes: int = 64 * 1024
     batch_frames: bool = True
     error_budget: int = 10
+    allowed_origins: Sequence[str] | None = None
     rate_limit: float | None = 50.0
     rate_burst: int = 100
     rate_patience: int = 20
@@ -119,7 +126,14 @@ class HubConfig:
     def __post_init__(self) -> None:
         _positive(self, *(f.name for f in fields(self) if f.name not in
                           ("batch_frames", "default_room", "resume_secrets",
-                           "inbox_history")))
+                           "inbox_history", "allowed_origins")))
+        if self.allowed_origins is not None:
+            if isinstance(self.allowed_origins, str):
+                raise TypeError("allowed_origins is a list of origins, e.g. [origin]")
+            origins = tuple(self.allowed_origins)
+            for origin in origins:
+                normalize_origin(origin)  # a clear error now, not a refusal later
+            object.__setattr__(self, "allowed_origins", origins)
         if self.resume_secrets is not None:
             if isinstance(self.resume_secrets, (str, bytes, bytearray)):
                 raise TypeError("resume_secrets is a list of secrets, e.g. [secret]")

@@ -452,6 +452,11 @@ class Connection:
     async def _run(self) -> None:
         """Serve the connection until it ends, then release everything it held."""
         hub = self._hub
+        origins = hub._origins
+        if origins is not None and not origins.allows(
+                self._transport.request.headers.get("origin")):
+            await self._refuse(CloseReason.FORBIDDEN_ORIGIN)
+            return
         rejection = hub._admit(self)
         try:
             try:
@@ -485,6 +490,19 @@ class Connection:
         finally:
             with anyio.CancelScope(shield=True):
                 await self._release()
+
+    async def _refuse(self, reason: CloseReason) -> None:
+        """Refuse the upgrade itself (HTTP 403): nothing was accepted or registered."""
+        self._sm.finish(reason)
+        log.log(disposition(reason).log_level, "%s: refused, reason=%s", self._tag(), reason)
+        try:
+            with anyio.move_on_after(self._hub.config.close_timeout):
+                await self._transport.refuse(int(disposition(reason).code or 1008))
+        except Exception as exc:  # the client left meanwhile
+            log.debug("%s: refusal not sent: %s", self._tag(), type(exc).__name__)
+        finally:
+            self._released = True
+            self._hub._detach(self, reason)
 
     def _start(self, tg: TaskGroup, inbox: MemoryObjectReceiveStream[Msg]) -> None:
         tg.start_soon(self._reader, tg, name=f"wsroom reader {self.id}")

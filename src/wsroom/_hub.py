@@ -47,6 +47,7 @@ from ._config import HubConfig, RoomConfig
 from ._connection import INBOX, Connection, Identity
 from ._errors import HubNotRunning, MessageTooLarge, check_close
 from ._handlers import Handler, Handlers, MessageScope
+from ._origin import OriginPolicy
 from ._presence import PresenceEntry, RoomPresence
 from ._protocol import (
     encode,
@@ -203,6 +204,8 @@ class Hub:
         self._signer = TokenSigner(config.resume_secrets or [secrets.token_bytes(32)])
         self._wall_clock: Callable[[], float] = time.time
         self._expiry_wakeup: anyio.Event | None = None
+        self._origins = (None if config.allowed_origins is None
+                         else OriginPolicy(config.allowed_origins))
         self._backplane = backplane if backplane is not None else MemoryBackplane()
         self._backplane.bind(self._deliver)
         self._stats = _Counters()

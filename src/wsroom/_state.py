@@ -49,6 +49,7 @@ class CloseReason(str, Enum):
     MESSAGE_TOO_BIG = "message_too_big"
     ERROR_BUDGET = "error_budget"
     RATE_LIMITED = "rate_limited"
+    FORBIDDEN_ORIGIN = "forbidden_origin"
     HANDSHAKE_TIMEOUT = "handshake_timeout"
     HOOK_TIMEOUT = "hook_timeout"
     BAD_HANDSHAKE = "bad_handshake"
@@ -97,6 +98,8 @@ _DISPOSITIONS: dict[CloseReason, Disposition] = {
     CloseReason.MESSAGE_TOO_BIG: Disposition(CloseCode.MESSAGE_TOO_BIG, False, _WARNING),
     CloseReason.ERROR_BUDGET: Disposition(CloseCode.ERROR_BUDGET, True, _WARNING),
     CloseReason.RATE_LIMITED: Disposition(CloseCode.RATE_LIMITED, True, _WARNING),
+    # Refused before the upgrade (HTTP 403); 3507 only where a close frame is needed.
+    CloseReason.FORBIDDEN_ORIGIN: Disposition(CloseCode.FORBIDDEN_ORIGIN, False, _INFO),
     CloseReason.HANDSHAKE_TIMEOUT: Disposition(CloseCode.HANDSHAKE_TIMEOUT, False, _INFO),
     CloseReason.BAD_HANDSHAKE: Disposition(CloseCode.BAD_REQUEST, True, _INFO),
     CloseReason.AUTH_FAILED: Disposition(CloseCode.INVALID_TOKEN, True, _INFO),

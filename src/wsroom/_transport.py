@@ -40,6 +40,10 @@ class Transport(Protocol):
         """Complete the WebSocket handshake; False if the peer left before it."""
         ...
 
+    async def refuse(self, code: int) -> None:
+        """Refuse the upgrade (the ASGI server answers HTTP 403)."""
+        ...
+
     async def receive(self) -> str | bytes | Disconnected:
         """Wait for the next message."""
         ...
@@ -71,6 +75,12 @@ class AsgiTransport:
             return False
         await self._send({"type": "websocket.accept"})
         return True
+
+    async def refuse(self, code: int) -> None:
+        message = await self._receive()
+        if message["type"] == "websocket.connect":
+            # A close before the accept: servers answer the upgrade with HTTP 403.
+            await self._send({"type": "websocket.close", "code": code, "reason": ""})
 
     async def receive(self) -> str | bytes | Disconnected:
         message = await self._receive()
