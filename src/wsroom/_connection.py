@@ -76,6 +76,7 @@ from ._protocol import (
 )
 from ._queue import OutboundQueue, Policy, PushResult, frame_size
 from ._rate import RateLimiter, Verdict
+from ._sessions import INBOX, inbox_key
 from ._state import CloseReason, ConnectionStateMachine, ConnState, disposition
 from ._tokens import ResumeClaims, TokenError
 from ._transport import Disconnected, Handshake, Transport
@@ -84,7 +85,7 @@ if TYPE_CHECKING:
     from ._backplane import Envelope
     from ._hub import Hub, HubSession
 
-__all__ = ["Connection", "Identity", "INBOX"]
+__all__ = ["Connection", "Identity"]
 
 log = logging.getLogger("wsroom.connection")
 
@@ -92,9 +93,6 @@ T = TypeVar("T")
 
 _SEND_FAILURE_GRACE = 1.0
 """Seconds a failed send waits for the reader to report the peer's close."""
-
-INBOX = "@inbox"
-"""Name of every connection's personal stream (room names may not start with '@')."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,10 +305,8 @@ class Connection:
         if session is None or hub._sessions.get(session.id) is not session:
             await anyio.lowlevel.checkpoint()
             return None
-        from ._hub import _inbox_key  # a cycle at import time otherwise
-
         envelope = await hub._backplane.publish(
-            _inbox_key(session.id), INBOX, hub._payload(event, data, INBOX))
+            inbox_key(session.id), INBOX, hub._payload(event, data, INBOX))
         # Let the writer run: a handler sending in a tight loop must not starve it.
         await anyio.lowlevel.checkpoint()
         return envelope.offset
@@ -765,14 +761,12 @@ class Connection:
         no stream is missing, and the check that ends the loop runs after the last
         await, so `_go_live` (called at once) sees exactly these streams.
         """
-        from ._hub import _inbox_key  # a cycle at import time otherwise
-
         hub = self._hub
         asked = hello.streams if self._resumed else {}
         planned: dict[str, _StreamPlan] = {}
         while True:
             rooms = hub._rooms.rooms_of(session)
-            streams = [(INBOX, _inbox_key(session.id))]
+            streams = [(INBOX, inbox_key(session.id))]
             streams += [(room, room) for room in sorted(rooms)]
             todo = [(wire, key) for wire, key in streams if key not in planned]
             if not todo:

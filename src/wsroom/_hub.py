@@ -44,7 +44,7 @@ from starlette.websockets import WebSocket
 
 from ._backplane import Backplane, Envelope, MemoryBackplane
 from ._config import HubConfig, RoomConfig
-from ._connection import INBOX, Connection, Identity
+from ._connection import Connection, Identity
 from ._errors import HubNotRunning, MessageTooLarge, check_close
 from ._handlers import Handler, Handlers, MessageScope
 from ._origin import OriginPolicy
@@ -58,7 +58,7 @@ from ._protocol import (
 )
 from ._queue import Policy, frame_size
 from ._rooms import Rooms
-from ._sessions import Session, SessionRegistry
+from ._sessions import INBOX, Session, SessionRegistry, inbox_key, inbox_owner
 from ._signals import drain_on_signals
 from ._state import CloseReason
 from ._tokens import ResumeClaims, TokenSigner
@@ -361,7 +361,7 @@ class Hub:
             return 0
         payload = self._payload(event, data, INBOX)
         for session in sessions:
-            await self._backplane.publish(_inbox_key(session.id), INBOX, payload)
+            await self._backplane.publish(inbox_key(session.id), INBOX, payload)
         await anyio.lowlevel.checkpoint()
         return len(sessions)
 
@@ -585,7 +585,7 @@ class Hub:
         session = self._sessions.create(identity.id, identity, conn)
         # Before any await: if the client vanishes now, the release ends the session.
         conn._session = session
-        await self._backplane.open(_inbox_key(session.id), self.config.inbox_history)
+        await self._backplane.open(inbox_key(session.id), self.config.inbox_history)
         return session, False
 
     def _issue_token(self, session: HubSession, presented: int | None) -> str:
@@ -627,8 +627,9 @@ class Hub:
         """The backplane delivers a numbered message: queue it for the live members
         of its stream. Synchronous: never waits for a client."""
         stream = envelope.stream
-        if stream.startswith(_INBOX_PREFIX):
-            session = self._sessions.get(stream[len(_INBOX_PREFIX):])
+        owner = inbox_owner(stream)
+        if owner is not None:
+            session = self._sessions.get(owner)
             if session is not None and session.connection is not None:
                 # Personal messages are never discarded by a policy.
                 session.connection._deliver(envelope, Policy.DISCONNECT)
@@ -732,7 +733,7 @@ class Hub:
         return rooms
 
     async def _close_streams(self, session: HubSession, rooms: list[str]) -> None:
-        await self._backplane.close(_inbox_key(session.id))
+        await self._backplane.close(inbox_key(session.id))
         for room in rooms:
             await self._close_unused(room)
 
@@ -761,14 +762,6 @@ class Hub:
                     await self._close_streams(session, rooms)
                 except Exception:
                     log.exception("closing the streams of an expired session failed")
-
-
-_INBOX_PREFIX = INBOX + "/"
-
-
-def _inbox_key(session_id: str) -> str:
-    """The backplane key of a session's inbox stream."""
-    return _INBOX_PREFIX + session_id
 
 
 class _HubAsgi:

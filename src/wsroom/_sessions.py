@@ -21,7 +21,22 @@ from __future__ import annotations
 import secrets
 from typing import Generic, TypeVar
 
-__all__ = ["Session", "SessionRegistry"]
+__all__ = ["INBOX", "Session", "SessionRegistry", "inbox_key", "inbox_owner"]
+
+INBOX = "@inbox"
+"""Wire name of every session's personal stream (room names may not start with '@')."""
+
+_INBOX_PREFIX = INBOX + "/"
+
+
+def inbox_key(session_id: str) -> str:
+    """The backplane key of a session's inbox stream."""
+    return _INBOX_PREFIX + session_id
+
+
+def inbox_owner(stream: str) -> str | None:
+    """The session id whose inbox `stream` is, or None for a room."""
+    return stream[len(_INBOX_PREFIX):] if stream.startswith(_INBOX_PREFIX) else None
 
 IdentityT = TypeVar("IdentityT")  # the identity type (kept opaque here)
 ConnT = TypeVar("ConnT")  # the connection type (kept opaque here)
