@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -68,8 +68,10 @@ async def _serve_uvicorn(app: ASGIApp) -> AsyncIterator[str]:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
+    # proxy_headers=False: uvicorn would otherwise take X-Forwarded-For from 127.0.0.1
+    # itself; the tests check wsroom's own trusted-proxy handling.
     config = uvicorn.Config(app, lifespan="on", log_level="warning", ws="websockets-sansio",
-                            timeout_graceful_shutdown=5)
+                            timeout_graceful_shutdown=5, proxy_headers=False)
     server = uvicorn.Server(config)
     async with anyio.create_task_group() as tg:
         tg.start_soon(server.serve, [sock])
@@ -121,7 +123,9 @@ class ServerProcess:
 
 @asynccontextmanager
 async def spawn(app: str, config: dict[str, Any] | None = None,
-                *, send_buffer: int | None = None) -> AsyncIterator[ServerProcess]:
+                *, send_buffer: int | None = None, ws: str = "websockets-sansio",
+                log_level: str = "info", args: Sequence[str] = (),
+                environ: dict[str, str] | None = None) -> AsyncIterator[ServerProcess]:
     """Run ``uvicorn tests/apps/<app>`` in a child process on a socket bound here.
 
     Args:
@@ -129,6 +133,10 @@ async def spawn(app: str, config: dict[str, Any] | None = None,
         config: HubConfig fields, passed as WSROOM_TEST_CONFIG.
         send_buffer: SO_SNDBUF of the listening socket (inherited by accepted sockets),
             to make a stalled reader back up into the server sooner.
+        ws: uvicorn's ``--ws`` implementation.
+        log_level: uvicorn's ``--log-level``.
+        args: more uvicorn options (e.g. ``["--ws-max-size", "65536"]``).
+        environ: more environment variables for the server.
     """
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -139,12 +147,12 @@ async def spawn(app: str, config: dict[str, Any] | None = None,
     sock.set_inheritable(True)
     port = sock.getsockname()[1]
     env = {**os.environ, "WSROOM_TEST_CONFIG": json.dumps(config or {}),
-           "PYTHONWARNINGS": "default::ResourceWarning"}
+           "PYTHONWARNINGS": "default::ResourceWarning", **(environ or {})}
     fd, log_name = tempfile.mkstemp(prefix="wsroom-server-", suffix=".log")
     command = [sys.executable, "-m", "uvicorn", app, "--app-dir",
                str(Path(__file__).parent / "apps"), "--fd", str(sock.fileno()),
-               "--ws", "websockets-sansio", "--log-level", "info",
-               "--timeout-graceful-shutdown", "15"]
+               "--ws", ws, "--log-level", log_level,
+               "--timeout-graceful-shutdown", "15", *args]
     with os.fdopen(fd, "wb") as log_file:
         process = await anyio.open_process(command, env=env, pass_fds=(sock.fileno(),),
                                            stdout=log_file, stderr=subprocess.STDOUT)
@@ -287,11 +295,15 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = 10) -> None:
 class MemoryTransport:
     """An in-memory `Transport` for runtime tests under a virtual clock."""
 
-    def __init__(self, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    def __init__(self, headers: list[tuple[bytes, bytes]] | None = None,
+                 client: tuple[str, int] | None = ("127.0.0.1", 50000),
+                 can_deny: bool = True) -> None:
         self.request = HTTPConnection({
             "type": "websocket", "path": "/ws", "headers": headers or [],
-            "client": ("127.0.0.1", 50000), "query_string": b"",
+            "client": client, "query_string": b"",
         })
+        self.can_deny = can_deny
+        self.denied: tuple[int, list[tuple[str, str]]] | None = None
         self._to_server_send, self._to_server = anyio.create_memory_object_stream[
             "str | bytes | Disconnected"
         ](1000)
@@ -308,6 +320,10 @@ class MemoryTransport:
 
     async def refuse(self, code: int) -> None:
         self.close_code = code
+
+    async def deny(self, status: int, headers: list[tuple[str, str]]) -> None:
+        assert self.can_deny
+        self.denied = (status, headers)
 
     async def receive(self) -> str | bytes | Disconnected:
         return await self._to_server.receive()

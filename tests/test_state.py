@@ -54,7 +54,7 @@ def test_disposition_matches_the_wire_contract(
 def test_every_reason_has_a_disposition(reason: CloseReason) -> None:
     result = disposition(reason)
     assert result.code is None or result.code in set(CloseCode)
-    assert result.log_level in (logging.INFO, logging.WARNING, logging.ERROR)
+    assert result.log_level in (logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR)
     assert str(reason) == reason.value
 
 

@@ -69,6 +69,12 @@ class Backplane(ABC):
         this process has open, in offset order per stream. It must not block."""
         self._deliver = deliver
 
+    @property
+    def healthy(self) -> bool:
+        """False while the backplane cannot publish or deliver (a lost connection to
+        its server); reported as ``wsroom_backplane_up``. In-process: always True."""
+        return True
+
     @abstractmethod
     async def open(self, stream: str, limits: HistoryLimits) -> tuple[str, int]:
         """Make sure `stream` exists and is delivered here; return its ``(epoch,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 
+from ._admission import TrustedProxies
 from ._history import HistoryLimits
 from ._origin import normalize_origin
 from ._queue import Policy
@@ -64,6 +65,20 @@ class HubConfig:
             refused with HTTP 403 (3507 where a close frame must be used). None (the
             default): no check. Requests without an Origin header (not from a browser)
             are allowed.
+        trusted_proxies: IP addresses or networks (``"10.0.0.0/8"``) of your reverse
+            proxies. Only when the TCP peer is one of them is the client's address read
+            from `proxy_header` (the rightmost address that is not a trusted proxy);
+            None (the default): the TCP peer's address is the client's, and the header
+            is ignored. See the [deploy guide](../deploy.md).
+        proxy_header: ``"x-forwarded-for"`` (the default) or ``"forwarded"`` (RFC 7239).
+        max_connections_per_ip: connections one client address (an IPv4 address, an
+            IPv6 /64) may hold at once, or None. Beyond it the upgrade is refused with
+            HTTP 429 (3504 where the server cannot answer with a status).
+        connect_rate_per_ip: new connections per second one client address may open on
+            average, or None; refused like `max_connections_per_ip`, with a
+            ``Retry-After`` header.
+        connect_burst_per_ip: new connections a client address may open at once above
+            `connect_rate_per_ip` (a reconnect storm after a restart).
         rate_limit: application messages per second a client may send on average, or
             None for no limit. Beyond it (and its burst) a message is dropped and
             answered with a ``rate_limited`` error frame.
@@ -93,6 +108,9 @@ class HubConfig:
             is right for one process; workers sharing a backplane need the same ones.
         resume_token_ttl: seconds a resume token stays valid after its welcome.
         inbox_history: how much of each session's ``@inbox`` stream is kept for replay.
+        max_detached_sessions: sessions kept waiting for a resume at once, or None;
+            beyond it the session detached longest ago ends early (its client gets a
+            new session and snapshots when it comes back).
         default_room: settings of rooms that `room_config` does not match.
     """
 
@@ -107,6 +125,11 @@ class HubConfig:
     batch_frames: bool = True
     error_budget: int = 10
     allowed_origins: Sequence[str] | None = None
+    trusted_proxies: Sequence[str] | None = None
+    proxy_header: str = "x-forwarded-for"
+    max_connections_per_ip: int | None = 100
+    connect_rate_per_ip: float | None = 10.0
+    connect_burst_per_ip: int = 50
     rate_limit: float | None = 50.0
     rate_burst: int = 100
     rate_patience: int = 20
@@ -121,12 +144,14 @@ class HubConfig:
     resume_token_ttl: float = 24 * 3600.0
     inbox_history: HistoryLimits = field(
         default_factory=lambda: HistoryLimits(max_messages=1000, max_bytes=1024 * 1024))
+    max_detached_sessions: int | None = 10_000
     default_room: RoomConfig = field(default_factory=RoomConfig)
 
     def __post_init__(self) -> None:
         _positive(self, *(f.name for f in fields(self) if f.name not in
                           ("batch_frames", "default_room", "resume_secrets",
-                           "inbox_history", "allowed_origins")))
+                           "inbox_history", "allowed_origins", "trusted_proxies",
+                           "proxy_header")))
         if self.allowed_origins is not None:
             if isinstance(self.allowed_origins, str):
                 raise TypeError("allowed_origins is a list of origins, e.g. [origin]")
@@ -134,6 +159,12 @@ class HubConfig:
             for origin in origins:
                 normalize_origin(origin)  # a clear error now, not a refusal later
             object.__setattr__(self, "allowed_origins", origins)
+        if self.trusted_proxies is not None:
+            if isinstance(self.trusted_proxies, str):
+                raise TypeError("trusted_proxies is a list of addresses, e.g. [address]")
+            object.__setattr__(self, "trusted_proxies", tuple(self.trusted_proxies))
+        # A clear error now for a bad address, network or header name.
+        TrustedProxies(self.trusted_proxies or (), self.proxy_header)
         if self.resume_secrets is not None:
             if isinstance(self.resume_secrets, (str, bytes, bytearray)):
                 raise TypeError("resume_secrets is a list of secrets, e.g. [secret]")

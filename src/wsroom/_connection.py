@@ -148,6 +148,9 @@ class Connection:
             gets a new connection id, and keeps its `session` id).
         identity: the member, once authenticated (None before).
         state: a dict for the application's per-connection state.
+        client_address: the client's IP address (from the trusted proxy's header when
+            the peer is one of ``HubConfig.trusted_proxies``; ``"unknown"`` on a Unix
+            socket without one).
         meta: public metadata of this connection, shown in presence (e.g. a device
             name); set it in an ``on_connect`` hook: presence reads it when the
             connection is welcomed (or joins a room afterwards).
@@ -155,6 +158,7 @@ class Connection:
 
     __slots__ = (
         "_accepted",
+        "_admission_key",
         "_budget",
         "_close_deadline",
         "_close_reason_text",
@@ -183,6 +187,7 @@ class Connection:
         "_transport",
         "_wakeup",
         "_welcomed",
+        "client_address",
         "id",
         "identity",
         "meta",
@@ -219,6 +224,8 @@ class Connection:
         self._close_reason_text = ""
         self._close_deadline = math.inf
         self._accepted = False
+        self._admission_key: str | None = None
+        self.client_address = hub._client_address(self)
         self._hello = anyio.Event()
         self._close_sent = False
         self._peer_closed = False
@@ -269,6 +276,11 @@ class Connection:
     def queued_bytes(self) -> int:
         """Bytes waiting in this connection's outbound queue."""
         return self._queue.bytes
+
+    def _metrics_state(self) -> str:
+        if self._sm.closing:
+            return "closing"
+        return "open" if self._welcomed.is_set() else "handshake"
 
     @property
     def close_code(self) -> int | None:
@@ -453,7 +465,15 @@ class Connection:
                 self._transport.request.headers.get("origin")):
             await self._refuse(CloseReason.FORBIDDEN_ORIGIN)
             return
-        rejection = hub._admit(self)
+        refused = hub._admit(self)
+        rejection = None
+        if refused is not None:
+            rejection, retry_after = refused
+            if rejection in (CloseReason.IP_LIMIT, CloseReason.IP_RATE
+                             ) and self._transport.can_deny:
+                await self._refuse(rejection, status=429,
+                                   headers=[("retry-after", str(retry_after))])
+                return
         try:
             try:
                 accepted = await self._transport.accept()
@@ -487,13 +507,18 @@ class Connection:
             with anyio.CancelScope(shield=True):
                 await self._release()
 
-    async def _refuse(self, reason: CloseReason) -> None:
-        """Refuse the upgrade itself (HTTP 403): nothing was accepted or registered."""
+    async def _refuse(self, reason: CloseReason, status: int = 403,
+                      headers: list[tuple[str, str]] | None = None) -> None:
+        """Refuse the upgrade itself (an HTTP status: 403 unless the server can send
+        another): nothing was accepted or registered."""
         self._sm.finish(reason)
         log.log(disposition(reason).log_level, "%s: refused, reason=%s", self._tag(), reason)
         try:
             with anyio.move_on_after(self._hub.config.close_timeout):
-                await self._transport.refuse(int(disposition(reason).code or 1008))
+                if status == 403:
+                    await self._transport.refuse(int(disposition(reason).code or 1008))
+                else:
+                    await self._transport.deny(status, headers or [])
         except Exception as exc:  # the client left meanwhile
             log.debug("%s: refusal not sent: %s", self._tag(), type(exc).__name__)
         finally:

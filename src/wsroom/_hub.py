@@ -42,11 +42,13 @@ from anyio.abc import TaskGroup
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
+from ._admission import Admission, TrustedProxies, client_key
 from ._backplane import Backplane, Envelope, MemoryBackplane
 from ._config import HubConfig, RoomConfig
 from ._connection import Connection, Identity
 from ._errors import HubNotRunning, MessageTooLarge, check_close
 from ._handlers import Handler, Handlers, MessageScope
+from ._metrics import Metrics
 from ._origin import OriginPolicy
 from ._presence import PresenceEntry, RoomPresence
 from ._protocol import (
@@ -206,9 +208,13 @@ class Hub:
         self._expiry_wakeup: anyio.Event | None = None
         self._origins = (None if config.allowed_origins is None
                          else OriginPolicy(config.allowed_origins))
+        self._proxies = TrustedProxies(config.trusted_proxies or (), config.proxy_header)
+        self._admission = Admission(config.max_connections_per_ip,
+                                    config.connect_rate_per_ip, config.connect_burst_per_ip)
         self._backplane = backplane if backplane is not None else MemoryBackplane()
         self._backplane.bind(self._deliver)
         self._stats = _Counters()
+        self._metrics = Metrics()
         self._phase = _Phase.IDLE
         self._empty: anyio.Event | None = None
         self._tg: TaskGroup | None = None
@@ -293,6 +299,14 @@ class Hub:
             handler_errors=counters.handler_errors,
             resumes=dict(counters.resumes),
         )
+
+    def _connection_states(self) -> dict[str, int]:
+        """Connections by metrics state: ``handshake`` (before the welcome), ``open``,
+        ``closing``."""
+        states = dict.fromkeys(("handshake", "open", "closing"), 0)
+        for conn in self._connections.values():
+            states[conn._metrics_state()] += 1
+        return states
 
     # ----------------------------------------------------------------- publishing
 
@@ -385,7 +399,7 @@ class Hub:
         for session in sessions:
             if session.connection is not None:
                 session.connection._request_close(CloseReason.APP, code, reason)
-            ended.append((session, self._forget_session(session)))
+            ended.append((session, self._forget_session(session, "disconnected")))
         for session, rooms in ended:
             await self._close_streams(session, rooms)
         await anyio.lowlevel.checkpoint()
@@ -500,7 +514,8 @@ class Hub:
             with anyio.move_on_after(config.close_timeout + config.hook_timeout + 1):
                 await self._wait_empty()
         # Nobody can resume any more: the sessions end with the hub.
-        ended = [(session, self._forget_session(session)) for session in self._sessions.all()]
+        ended = [(session, self._forget_session(session, "shutdown"))
+                 for session in self._sessions.all()]
         for session, rooms in ended:
             await self._close_streams(session, rooms)
         log.info("hub stopped")
@@ -519,24 +534,38 @@ class Hub:
                 "(or enter 'async with hub.run()')"
             )
 
-    def _admit(self, conn: Connection) -> CloseReason | None:
-        """Register a new connection, or tell why it must be refused."""
+    def _client_address(self, conn: Connection) -> str:
+        request = conn._transport.request
+        peer = request.client.host if request.client is not None else None
+        return self._proxies.client_address(
+            peer, request.headers.getlist(self.config.proxy_header))
+
+    def _admit(self, conn: Connection) -> tuple[CloseReason, int] | None:
+        """Register a new connection, or tell why it must be refused (and after how
+        many seconds a retry may succeed)."""
         if self._phase is not _Phase.RUNNING:
             if self._phase is _Phase.IDLE:
                 log.error("connection refused: the hub is not running; pass "
                           "lifespan=hub.lifespan to your app")
-                return CloseReason.INTERNAL_ERROR
-            return CloseReason.OVER_CAPACITY
+                return CloseReason.INTERNAL_ERROR, 0
+            return CloseReason.OVER_CAPACITY, 0
         cap = self.config.max_connections
         if cap is not None and len(self._connections) >= cap:
-            return CloseReason.OVER_CAPACITY
+            return CloseReason.OVER_CAPACITY, 0
+        key = client_key(conn.client_address)
+        decision = self._admission.admit(key, anyio.current_time())
+        if decision.refusal is not None:
+            return CloseReason(decision.refusal.value), decision.retry_after
+        conn._admission_key = key
         self._connections[conn.id] = conn
         self._stats.connections_total += 1
         return None
 
     def _detach(self, conn: Connection, reason: CloseReason) -> None:
         """Forget `conn` (called once per connection, refused ones too)."""
-        self._connections.pop(conn.id, None)
+        if (self._connections.pop(conn.id, None) is not None
+                and conn._admission_key is not None):
+            self._admission.release(conn._admission_key)
         self._stats.closes[str(reason)] += 1
         if not self._connections and self._empty is not None:
             self._empty.set()
@@ -714,19 +743,35 @@ class Hub:
                     self._broadcast_presence(room, roster.detach(session.member, session.id))
             if self._expiry_wakeup is not None:
                 self._expiry_wakeup.set()
-            await anyio.lowlevel.checkpoint()
+            await self._enforce_detached_cap()
         else:
             await self._end_session(session)
 
+    async def _enforce_detached_cap(self) -> None:
+        """End the sessions detached longest ago while more than
+        ``max_detached_sessions`` wait for a resume."""
+        cap = self.config.max_detached_sessions
+        ended = []
+        while cap is not None and self._sessions.detached > cap:
+            oldest = self._sessions.oldest_detached()
+            assert oldest is not None
+            log.warning("session=%s member=%s: ended before its resume window, "
+                        "max_detached_sessions=%d reached", oldest.id, oldest.member, cap)
+            ended.append((oldest, self._forget_session(oldest, "evicted")))
+        for session, rooms in ended:
+            await self._close_streams(session, rooms)
+        await anyio.lowlevel.checkpoint()
+
     async def _end_session(self, session: HubSession) -> None:
         """The session is over: it leaves its rooms (presence: leave) and is forgotten."""
-        await self._close_streams(session, self._forget_session(session))
+        await self._close_streams(session, self._forget_session(session, "closed"))
 
-    def _forget_session(self, session: HubSession) -> list[str]:
+    def _forget_session(self, session: HubSession, why: str) -> list[str]:
         """The synchronous part of ending a session; return the rooms it left. Ending
         several sessions forgets them all before any await, so that nobody sees the
         registries half-updated (sessions gone, their rooms not)."""
-        self._sessions.remove(session)
+        if self._sessions.remove(session):
+            self._metrics.sessions_ended[why] += 1
         rooms = sorted(self._rooms.rooms_of(session))
         for room in rooms:
             self._leave_room(session, room)
@@ -753,7 +798,7 @@ class Hub:
             deadline = sessions.next_expiry()
             with anyio.move_on_at(math.inf if deadline is None else deadline):
                 await wakeup.wait()
-            ended = [(session, self._forget_session(session))
+            ended = [(session, self._forget_session(session, "expired"))
                      for session in sessions.expire(anyio.current_time())]
             for session, rooms in ended:
                 log.info("session=%s member=%s: resume window expired", session.id,

@@ -183,6 +183,12 @@ class SessionRegistry(Generic[IdentityT, ConnT]):
         """When a detached session expires (None while live)."""
         return None if session.detached_at is None else session.detached_at + self.window
 
+    def oldest_detached(self) -> Session[IdentityT, ConnT] | None:
+        """The session detached longest ago (the next to expire), if any."""
+        for session in self._detached.values():
+            return session
+        return None
+
     def next_expiry(self) -> float | None:
         """When the next detached session expires, if any is detached."""
         for session in self._detached.values():

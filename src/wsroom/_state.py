@@ -60,6 +60,8 @@ class CloseReason(str, Enum):
     IDLE_TIMEOUT = "idle_timeout"
     SHUTDOWN = "shutdown"
     OVER_CAPACITY = "over_capacity"
+    IP_LIMIT = "ip_limit"
+    IP_RATE = "ip_rate"
     INTERNAL_ERROR = "internal_error"
     CANCELLED = "cancelled"
     APP = "app"
@@ -82,7 +84,7 @@ class Disposition:
     ``close_timeout``."""
 
 
-_INFO, _WARNING, _ERROR = logging.INFO, logging.WARNING, logging.ERROR
+_DEBUG, _INFO, _WARNING, _ERROR = logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR
 
 _DISPOSITIONS: dict[CloseReason, Disposition] = {
     # The peer is gone or closed: nothing more can be said to it.
@@ -112,6 +114,11 @@ _DISPOSITIONS: dict[CloseReason, Disposition] = {
     # Orderly ends: flush what is queued, then close.
     CloseReason.SHUTDOWN: Disposition(CloseCode.SERVICE_RESTART, True, _INFO),
     CloseReason.OVER_CAPACITY: Disposition(CloseCode.TRY_AGAIN_LATER, True, _WARNING),
+    # Per-client admission limits: refused before the upgrade with HTTP 429 where the
+    # server can answer with a status, else accepted and closed with 3504. Debug level:
+    # a flood must not become a log flood (metrics count them).
+    CloseReason.IP_LIMIT: Disposition(CloseCode.CONNECTION_LIMIT, False, _DEBUG),
+    CloseReason.IP_RATE: Disposition(CloseCode.CONNECTION_LIMIT, False, _DEBUG),
     CloseReason.HOOK_TIMEOUT: Disposition(CloseCode.TRY_AGAIN_LATER, True, _WARNING),
     CloseReason.INTERNAL_ERROR: Disposition(CloseCode.INTERNAL_ERROR, True, _ERROR),
     CloseReason.APP: Disposition(CloseCode.NORMAL, True, _INFO),

@@ -44,6 +44,15 @@ class Transport(Protocol):
         """Refuse the upgrade (the ASGI server answers HTTP 403)."""
         ...
 
+    @property
+    def can_deny(self) -> bool:
+        """Whether `deny` can answer the upgrade with an HTTP status of our choice."""
+        ...
+
+    async def deny(self, status: int, headers: list[tuple[str, str]]) -> None:
+        """Refuse the upgrade with an HTTP response (only where `can_deny`)."""
+        ...
+
     async def receive(self) -> str | bytes | Disconnected:
         """Wait for the next message."""
         ...
@@ -81,6 +90,24 @@ class AsgiTransport:
         if message["type"] == "websocket.connect":
             # A close before the accept: servers answer the upgrade with HTTP 403.
             await self._send({"type": "websocket.close", "code": code, "reason": ""})
+
+    @property
+    def can_deny(self) -> bool:
+        # The ASGI "WebSocket Denial Response" extension (uvicorn, hypercorn, daphne).
+        extensions = self.request.scope.get("extensions") or {}
+        return "websocket.http.response" in extensions
+
+    async def deny(self, status: int, headers: list[tuple[str, str]]) -> None:
+        message = await self._receive()
+        if message["type"] != "websocket.connect":
+            return  # the client left already
+        body = f"{status}\n".encode()
+        raw = [(b"content-type", b"text/plain; charset=utf-8"),
+               (b"content-length", str(len(body)).encode())]
+        raw += [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers]
+        await self._send({"type": "websocket.http.response.start", "status": status,
+                          "headers": raw})
+        await self._send({"type": "websocket.http.response.body", "body": body})
 
     async def receive(self) -> str | bytes | Disconnected:
         message = await self._receive()

@@ -54,9 +54,11 @@ class ConnectionClosed(Exception):
 class HandshakeRejected(ConnectionClosed):
     """The server answered the upgrade with an HTTP status instead of 101."""
 
-    def __init__(self, status: int) -> None:
+    def __init__(self, status: int, headers: Sequence[tuple[str, str]] = ()) -> None:
         super().__init__(1006, f"HTTP {status}")
         self.status = status
+        self.headers = dict(headers)
+        """The response's headers (names in lower case)."""
 
 
 @dataclass
@@ -252,7 +254,10 @@ async def connect(
                     if isinstance(event, AcceptConnection):
                         return client
                     if isinstance(event, RejectConnection):
-                        raise HandshakeRejected(event.status_code)
+                        raise HandshakeRejected(event.status_code, [
+                            (bytes(name).decode("latin-1").lower(),
+                             bytes(value).decode("latin-1"))
+                            for name, value in event.headers])
                     if isinstance(event, RejectData):
                         continue
                     client._events.append(event)
