@@ -163,7 +163,8 @@ async def test_a_refusal_sends_429_with_retry_after_before_anything_is_accepted(
             # A server without the denial-response extension: accepted, closed 3504.
             third = MemoryTransport(can_deny=False)
             await Connection(hub, third)._run()
-            assert third.accepted and third.close_code == 3504
+            assert third.accepted
+            assert third.close_code == 3504
             # Another address is not affected.
             other = MemoryTransport(client=("198.51.100.7", 1))
             tg.start_soon(Connection(hub, other)._run)
@@ -222,22 +223,22 @@ async def test_forged_forwarding_headers_are_ignored_unless_the_peer_is_trusted(
     proxy's header is believed, per forwarded client."""
     untrusted = Hub(HubConfig(max_connections_per_ip=1, connect_rate_per_ip=None,
                               trusted_proxies=["10.9.9.9"]))
-    async with serve(hub_app(untrusted)) as url:
-        async with Player.connect(url + "/ws", headers=[(XFF, "198.51.100.1")]):
-            assert [c.client_address for c in untrusted.connections()] == ["127.0.0.1"]
-            with pytest.raises(HandshakeRejected) as refused:
-                await connect(url + "/ws", headers=[(XFF, "198.51.100.2")])
-            assert refused.value.status == 429
+    async with serve(hub_app(untrusted)) as url, \
+            Player.connect(url + "/ws", headers=[(XFF, "198.51.100.1")]):
+        assert [c.client_address for c in untrusted.connections()] == ["127.0.0.1"]
+        with pytest.raises(HandshakeRejected) as refused:
+            await connect(url + "/ws", headers=[(XFF, "198.51.100.2")])
+        assert refused.value.status == 429
 
     trusted = Hub(HubConfig(max_connections_per_ip=1, connect_rate_per_ip=None,
                             trusted_proxies=["127.0.0.1"]))
-    async with serve(hub_app(trusted)) as url:
-        async with Player.connect(url + "/ws", headers=[(XFF, "6.6.6.6, 198.51.100.1")]), \
-                Player.connect(url + "/ws", headers=[(XFF, "198.51.100.2")]):
-            assert sorted(c.client_address for c in trusted.connections()) == [
-                "198.51.100.1", "198.51.100.2"]
-            with pytest.raises(HandshakeRejected):  # the same forwarded client again
-                await connect(url + "/ws", headers=[(XFF, "7.7.7.7, 198.51.100.1")])
+    async with serve(hub_app(trusted)) as url, \
+            Player.connect(url + "/ws", headers=[(XFF, "6.6.6.6, 198.51.100.1")]), \
+            Player.connect(url + "/ws", headers=[(XFF, "198.51.100.2")]):
+        assert sorted(c.client_address for c in trusted.connections()) == [
+            "198.51.100.1", "198.51.100.2"]
+        with pytest.raises(HandshakeRejected):  # the same forwarded client again
+            await connect(url + "/ws", headers=[(XFF, "7.7.7.7, 198.51.100.1")])
 
 
 # ------------------------------------------------------------------ the session cap

@@ -394,6 +394,7 @@ class Connection:
             return
         if result is PushResult.DISCARDED:
             self._hub._stats.discarded += self._queue.last_discarded
+            self._hub._metrics.dropped[policy.value] += self._queue.last_discarded
         self._wake()
 
     def _push_personal(self, frame: str, size: int | None = None) -> bool:
@@ -463,12 +464,14 @@ class Connection:
         origins = hub._origins
         if origins is not None and not origins.allows(
                 self._transport.request.headers.get("origin")):
+            hub._metrics.refused[str(CloseReason.FORBIDDEN_ORIGIN)] += 1
             await self._refuse(CloseReason.FORBIDDEN_ORIGIN)
             return
         refused = hub._admit(self)
         rejection = None
         if refused is not None:
             rejection, retry_after = refused
+            hub._metrics.refused[str(rejection)] += 1
             if rejection in (CloseReason.IP_LIMIT, CloseReason.IP_RATE
                              ) and self._transport.can_deny:
                 await self._refuse(rejection, status=429,
@@ -554,6 +557,7 @@ class Connection:
         config = self._hub.config
         batch_bytes = config.max_batch_bytes if config.batch_frames else 0
         stats = self._hub._stats
+        metrics = self._hub._metrics
         sm = self._sm
         while True:
             state = sm.state
@@ -563,11 +567,13 @@ class Connection:
                     state is ConnState.OPEN or sm.flush):
                 # The welcome and the replay go first, but a ping does not wait
                 # behind a long replay.
+                metrics.queue_depth.observe(len(queue) + len(self._replay))
                 frames = (queue.pop_control() if queue.control_queued else None) or (
                     self._pop_replay(batch_bytes) if self._replay
                     else queue.pop_batch(batch_bytes))
+                text = frames[0] if len(frames) == 1 else "\n".join(frames)
                 try:
-                    await transport.send(frames[0] if len(frames) == 1 else "\n".join(frames))
+                    await transport.send(text)
                 except Exception as exc:
                     # Often the peer has just closed: give the reader a moment to see
                     # its close frame (and code, which decides the session's fate);
@@ -578,6 +584,7 @@ class Connection:
                     return True
                 stats.frames_out += 1
                 stats.messages_out += len(frames)
+                metrics.sent_bytes += frame_size(text)
             elif sm.closing:
                 return False
             else:
@@ -617,6 +624,7 @@ class Connection:
         transport = self._transport
         limit = self._hub.config.max_message_bytes
         stats = self._hub._stats
+        metrics = self._hub._metrics
         while True:
             try:
                 message = await transport.receive()
@@ -636,12 +644,9 @@ class Connection:
             if self._sm.closing:
                 continue  # read on until the peer answers our close
             stats.messages_in += 1
-            # Size first, before any parsing (len() of a str counts characters, and
-            # UTF-8 takes at least one byte per character).
-            if len(message) > limit or (
-                isinstance(message, str) and 4 * len(message) > limit
-                and len(message.encode()) > limit
-            ):
+            size = len(message) if isinstance(message, bytes) else frame_size(message)
+            metrics.received_bytes += size
+            if size > limit:  # before any parsing
                 self._request_close(CloseReason.MESSAGE_TOO_BIG)
                 continue
             first = handshake is None
@@ -671,7 +676,9 @@ class Connection:
             elif isinstance(frame, Pong):
                 self._confirm()
                 if heartbeat is not None:
-                    heartbeat.pong_received(frame.id, anyio.current_time())
+                    rtt = heartbeat.pong_received(frame.id, anyio.current_time())
+                    if rtt is not None:
+                        metrics.heartbeat_rtt.observe(rtt)
             elif isinstance(frame, Msg):
                 self._confirm()
                 verdict = (Verdict.ALLOW if self._rate is None
@@ -679,6 +686,7 @@ class Connection:
                 if verdict is Verdict.ALLOW:
                     await self._to_dispatcher(frame)
                 elif verdict is Verdict.REFUSE:
+                    metrics.dropped["rate_limited"] += 1
                     self._push_personal(error_frame(
                         ErrorCode.RATE_LIMITED, "too many messages: slow down", frame.ref))
                 else:
@@ -1014,6 +1022,9 @@ class Connection:
             await self._send_close()
         reason = sm.reason or CloseReason.CLIENT_CLOSED
         sm.finish(reason)
+        code = (sm.close_code if self._close_sent and sm.close_code is not None
+                else self._peer_code if self._peer_closed else 1006)
+        self._hub._metrics.disconnects[(code, str(reason))] += 1
         self._queue.clear()
         self._replay.clear()
         self._pending = None

@@ -668,10 +668,12 @@ class Hub:
             return
         policy = room.config.policy
         exclude = envelope.exclude
+        started = time.perf_counter()
         for session in room.members:
             conn = session.connection
             if conn is not None:
                 conn._deliver(envelope, policy, session.id == exclude)
+        self._metrics.broadcast_duration.observe(time.perf_counter() - started)
 
     async def _join(self, conn: Connection, room: str) -> None:
         _check_room_name(room)
