@@ -247,3 +247,43 @@ def test_the_database_url_comes_from_the_environment(monkeypatch: pytest.MonkeyP
     assert game.create_app().state.db.engine.url.database == str(tmp_path / "env.db")
     monkeypatch.delenv("GAME_DATABASE_URL")
     assert game.create_app().state.db.engine.url.database == "./game.db"
+
+
+def test_production_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch
+                                                       ) -> None:
+    game = load_game()
+    monkeypatch.setenv("GAME_RESUME_SECRETS", "a" * 32 + ", " + "b" * 32)
+    monkeypatch.setenv("GAME_ALLOWED_ORIGINS", "https://game.example.com")
+    monkeypatch.setenv("GAME_TRUSTED_PROXIES", "10.0.0.0/8")
+    config = game.config_from_env()
+    assert config.resume_secrets == ("a" * 32, "b" * 32)
+    assert config.allowed_origins == ("https://game.example.com",)
+    assert config.trusted_proxies == ("10.0.0.0/8",)
+    for name in ("GAME_RESUME_SECRETS", "GAME_ALLOWED_ORIGINS", "GAME_TRUSTED_PROXIES"):
+        monkeypatch.delenv(name)
+    config = game.config_from_env()
+    assert (config.resume_secrets, config.allowed_origins, config.trusted_proxies) == (
+        None, None, None)
+
+
+# ------------------------------------------------------------------ metrics
+
+
+async def test_the_game_serves_prometheus_metrics(tmp_path: Path) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with game_table(tmp_path) as table:
+        gm = await table.create("Gina")
+        async with table.player(gm) as player:
+            await player.request("chat", {"text": "hello"})
+            response = await table.http.get("/metrics")
+        assert response.status_code == 200
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for family in text_string_to_metric_families(response.text)
+                   for s in family.samples}
+        assert samples[("wsroom_connections", (("state", "open"),))] == 1
+        assert samples[("wsroom_admitted_connections_total", ())] == 1
+        assert samples[("wsroom_messages_received_total", ())] >= 2  # hello, chat
+        assert samples[("wsroom_received_bytes_total", ())] > 0
+        assert samples[("wsroom_sent_bytes_total", ())] > 0
+        assert samples[("wsroom_backplane_up", ())] == 1

@@ -17,6 +17,7 @@ The data goes to ./game.db (SQLite), or to the SQLAlchemy URL in GAME_DATABASE_U
 
 from __future__ import annotations
 
+import os
 import unicodedata
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -34,6 +35,7 @@ from pydantic import AfterValidator, BaseModel, Field, StringConstraints, model_
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
+from starlette.routing import Route
 
 import wsroom
 from wsroom import (
@@ -46,6 +48,7 @@ from wsroom import (
     MessageContext,
     Reject,
 )
+from wsroom.metrics import metrics_app
 
 STATIC = Path(__file__).parent / "static"
 KICKED = 4501  # an application close code in 4500-4999: the client must not reconnect
@@ -452,15 +455,33 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await db.dispose()
 
 
+def config_from_env() -> HubConfig:
+    """Production settings from the environment (comma-separated lists):
+    GAME_RESUME_SECRETS (the same on every worker and across restarts, or resumes fail
+    after one), GAME_ALLOWED_ORIGINS, GAME_TRUSTED_PROXIES."""
+
+    def listed(name: str) -> list[str] | None:
+        value = os.environ.get(name, "").strip()
+        return [item.strip() for item in value.split(",") if item.strip()] or None
+
+    return HubConfig(resume_secrets=listed("GAME_RESUME_SECRETS"),
+                     allowed_origins=listed("GAME_ALLOWED_ORIGINS"),
+                     trusted_proxies=listed("GAME_TRUSTED_PROXIES"))
+
+
 def create_app(database_url: str | None = None, *, hub_config: HubConfig | None = None
                ) -> FastAPI:
-    """The app on `database_url` (default: GAME_DATABASE_URL, else ./game.db)."""
+    """The app on `database_url` (default: GAME_DATABASE_URL, else ./game.db), with
+    `hub_config` (default: `config_from_env`)."""
     db = Database(database_url or url_from_env())
+    hub_config = hub_config if hub_config is not None else config_from_env()
     app = FastAPI(title="wsroom game table", lifespan=lifespan)
     app.state.db = db
     app.state.hub = hub = create_hub(db, hub_config)
     app.include_router(api)
     app.add_api_websocket_route("/ws", hub.endpoint)
+    # Prometheus metrics (restrict this path to your monitoring in the proxy).
+    app.router.routes.append(Route("/metrics", metrics_app(hub)))
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
