@@ -52,7 +52,9 @@ class CloseCode(IntEnum):
     REPLACED = 3503
     """Replaced by a newer connection of the same session."""
     CONNECTION_LIMIT = 3504
-    """A per-IP or global connection limit refused the connection."""
+    """A per-address limit (``max_connections_per_ip``, ``connect_rate_per_ip``)
+    refused the connection, on a server that cannot answer the upgrade with HTTP 429
+    (the global ``max_connections`` closes with 1013)."""
     FORBIDDEN_ORIGIN = 3507
     """The `Origin` header is not allowed."""
     ERROR_BUDGET = 3509
