@@ -12,6 +12,8 @@ import json
 import anyio
 import pytest
 
+from support import running, wait_for
+from wsroom import CloseCode, Connection, Hub
 from wsroom._backplane import Backplane, Envelope, MemoryBackplane
 from wsroom._history import HistoryLimits, Recovery
 from wsroom._protocol import msg_frame_from, msg_payload
@@ -27,7 +29,8 @@ class Bound:
     def __init__(self) -> None:
         self.backplane = MemoryBackplane()
         self.delivered: list[Envelope] = []
-        self.backplane.bind(self.delivered.append)
+        self.lost: list[str] = []
+        self.backplane.bind(self.delivered.append, self.lost.append)
 
     async def publish(self, stream: str, n: int, *, wire_name: str | None = None
                       ) -> list[Envelope]:
@@ -222,3 +225,42 @@ async def test_since_and_position_of_an_unknown_stream() -> None:
     with pytest.raises(KeyError):
         await backplane.position("nowhere")
     assert len(backplane) == 0  # asking did not create it
+
+
+# ------------------------------------------------------------------ the hub's side
+
+
+def lobby_hub() -> Hub:
+    hub = Hub()
+
+    @hub.on_connect
+    async def join(conn: Connection) -> None:
+        await conn.join("room")
+
+    return hub
+
+
+@pytest.mark.anyio
+async def test_a_stream_the_backplane_lost_sends_its_clients_to_resume() -> None:
+    hub = lobby_hub()
+    async with running(hub) as (peer, _):
+        await wait_for(lambda: any(f["type"] == "welcome" for f in peer.frames))
+        hub._backplane._lost("room")
+        assert await peer.wait_closed() == CloseCode.INSUFFICIENT_STATE
+    assert hub.stats().closes == {"gap": 1}
+
+
+@pytest.mark.anyio
+async def test_a_renumbered_stream_is_a_gap_not_a_duplicate() -> None:
+    """A backplane that lost a stream (Redis flushed) starts a new epoch at offset 1:
+    the client must not take (new epoch, 1) for a duplicate of (old epoch, 1)."""
+    hub = lobby_hub()
+    async with running(hub) as (peer, _):
+        await wait_for(lambda: any(f["type"] == "welcome" for f in peer.frames))
+        assert await hub.publish("room", "e", 1) == 1
+        backplane = hub._backplane
+        await backplane.close("room")
+        await backplane.open("room", HistoryLimits())  # a new epoch
+        assert await hub.publish("room", "e", 2) == 1
+        assert await peer.wait_closed() == CloseCode.INSUFFICIENT_STATE
+    assert [f["data"] for f in peer.frames if f["type"] == "msg"] == [1]

@@ -107,6 +107,7 @@ def test_pong_round_trip_time() -> None:
     hb.poll(30)
     assert hb.pong_received(1, 30.25) == pytest.approx(0.25)
     assert hb.rtt == pytest.approx(0.25)
+    assert hb.pong_received(1, 30.5) is None  # a second answer is unsolicited
     hb.poll(60)
     assert hb.pong_received(1, 61) is None  # answers an older ping
     assert hb.rtt == pytest.approx(0.25)

@@ -77,3 +77,18 @@ async def test_a_flooding_client_gets_errors_then_3013_and_loses_nothing_it_was_
     assert answers == {0: "reply", 1: "reply", 2: "reply", 3: "reply", 4: "reply",
                        5: "rate_limited", 6: "rate_limited"}
     assert hub.stats().closes == {"rate_limited": 1}
+
+
+@pytest.mark.anyio
+async def test_a_flood_of_unsolicited_pongs_is_rate_limited_too() -> None:
+    """Pongs that answer no ping cost like messages (without error frames): a client
+    cannot burn the server's CPU with them."""
+    hub = Hub(HubConfig(rate_limit=0.001, rate_burst=5, rate_patience=3))
+    async with running(hub) as (peer, _):
+        await wait_for(lambda: any(f["type"] == "welcome" for f in peer.frames))
+        for n in range(20):
+            await peer.transport.client_send({"type": "pong", "id": 10_000 + n})
+        assert await peer.wait_closed() == CloseCode.RATE_LIMITED
+    assert not [f for f in peer.frames if f["type"] == "error"]
+    assert hub.stats().closes == {"rate_limited": 1}
+    assert hub._metrics.dropped["rate_limited"] == 2

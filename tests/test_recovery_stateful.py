@@ -79,13 +79,13 @@ class RecordingBackplane(MemoryBackplane):
         self.log: list[Envelope] = []
         self._on_envelope = on_envelope
 
-    def bind(self, deliver: Any) -> None:
+    def bind(self, deliver: Any, lost: Any) -> None:
         def recording(envelope: Envelope) -> None:
             self.log.append(envelope)
             self._on_envelope(envelope)
             deliver(envelope)
 
-        super().bind(recording)
+        super().bind(recording, lost)
 
     def current(self, key: str) -> tuple[str, int] | None:
         history = self._streams.get(key)

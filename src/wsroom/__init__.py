@@ -3,12 +3,20 @@
 The public API is what this module exports; everything in ``wsroom._*`` is private.
 """
 
+from ._backplane import Backplane, Envelope, MemoryBackplane
 from ._codes import CloseCode, ErrorCode, should_reconnect
 from ._config import HubConfig, RoomConfig
 from ._connection import Connection, Identity
-from ._errors import ClientError, HubNotRunning, MessageTooLarge, Reject, WsroomError
+from ._errors import (
+    BackplaneUnavailable,
+    ClientError,
+    HubNotRunning,
+    MessageTooLarge,
+    Reject,
+    WsroomError,
+)
 from ._handlers import MessageContext
-from ._history import HistoryLimits
+from ._history import HistoryLimits, Recovery
 from ._hub import Hub, HubStats
 from ._presence import PresenceEntry, PresenceStatus
 from ._queue import Policy
@@ -18,9 +26,12 @@ from ._transport import Handshake
 __version__ = "0.1.0.dev0"
 
 __all__ = (
+    "Backplane",
+    "BackplaneUnavailable",
     "ClientError",
     "CloseCode",
     "Connection",
+    "Envelope",
     "ErrorCode",
     "Handshake",
     "HistoryLimits",
@@ -30,10 +41,12 @@ __all__ = (
     "HubStats",
     "Identity",
     "MessageContext",
+    "MemoryBackplane",
     "MessageTooLarge",
     "Policy",
     "PresenceEntry",
     "PresenceStatus",
+    "Recovery",
     "Reject",
     "RoomConfig",
     "WsroomError",

@@ -14,7 +14,12 @@ The interface is deliberately small:
 - `publish` assigns the offset, stores and delivers; a stream is only ever delivered
   in offset order, which is what the hub's gap check relies on;
 - `position` and `since` answer "where is the stream now" and "what came after
-  (epoch, offset)" — all or nothing (`Recovery`).
+  (epoch, offset)" — all or nothing (`Recovery`);
+- a backplane that can lose messages in transit (a network one) calls `lost` for a
+  stream whose deliveries it cannot vouch for: the hub closes that stream's clients with
+  3010, and they resume from history or a snapshot;
+- `start` and `aclose` bracket the hub's run (a network backplane starts its
+  subscriber task there); `healthy` reports whether it can publish and deliver now.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 import anyio
+from anyio.abc import TaskGroup
 
 from ._history import HistoryLimits, Recovery, StreamHistory
 from ._protocol import msg_frame_from
@@ -57,17 +63,27 @@ class Envelope:
 
 
 Deliver = Callable[[Envelope], None]
+Lost = Callable[[str], None]
 
 
 class Backplane(ABC):
     """Numbering, history and fan-out of streams (see the module docstring)."""
 
     _deliver: Deliver
+    _lost: Lost
 
-    def bind(self, deliver: Deliver) -> None:
+    def bind(self, deliver: Deliver, lost: Lost) -> None:
         """Called once by the hub: `deliver` receives every message of the streams
-        this process has open, in offset order per stream. It must not block."""
+        this process has open, in offset order per stream, and `lost` the name of a
+        stream some of whose messages could not be delivered. Neither may block."""
         self._deliver = deliver
+        self._lost = lost
+
+    async def start(self, task_group: TaskGroup) -> None:  # noqa: B027 - optional
+        """The hub starts running: start background work in `task_group`."""
+
+    async def aclose(self) -> None:  # noqa: B027 - optional
+        """The hub stopped: release connections."""
 
     @property
     def healthy(self) -> bool:
@@ -98,6 +114,7 @@ class Backplane(ABC):
 
         Raises:
             KeyError: if the stream is not open.
+            BackplaneUnavailable: if the message cannot be published now.
         """
 
     @abstractmethod

@@ -217,7 +217,7 @@ class Connection:
         self._resumed = False
         self._pending: list[tuple[Envelope, Policy, bool]] | None = None
         self._pending_bytes = 0
-        self._positions: dict[str, int] = {}
+        self._positions: dict[str, tuple[str, int]] = {}  # stream -> (epoch, offset)
         self._starting: dict[str, list[tuple[Envelope, Policy, bool]]] = {}
         self._replay: deque[str] = deque()
         self._final_rooms: frozenset[str] | None = None
@@ -356,8 +356,16 @@ class Connection:
                     or self._pending_bytes > self._queue.max_bytes):
                 self._request_close(CloseReason.SLOW_CONSUMER)
             return
-        last = self._positions.get(envelope.stream)
-        if last is not None:
+        position = self._positions.get(envelope.stream)
+        if position is not None:
+            epoch, last = position
+            if envelope.epoch != epoch:
+                # The stream was renumbered (its backplane lost it): nothing after the
+                # client's position can be vouched for.
+                log.warning("%s: stream epoch changed: closing so the client resumes",
+                            self._tag())
+                self._request_close(CloseReason.GAP)
+                return
             if envelope.offset <= last:
                 return
             if envelope.offset != last + 1:
@@ -365,7 +373,7 @@ class Connection:
                             "resumes", self._tag(), envelope.offset, last)
                 self._request_close(CloseReason.GAP)
                 return
-        self._positions[envelope.stream] = envelope.offset
+        self._positions[envelope.stream] = (envelope.epoch, envelope.offset)
         if skip:
             # Tell the client its position moved on, or it would see a gap.
             self._push_personal(stream_frame(envelope.stream, envelope.epoch,
@@ -380,10 +388,10 @@ class Connection:
         self._pending_bytes -= sum(envelope.size for envelope, _, _ in buffered)
         if self._sm.closing:
             return
-        self._positions[stream] = offset
+        self._positions[stream] = (epoch, offset)
         self._push_personal(stream_frame(stream, epoch, offset, lossy=lossy))
         for envelope, policy, skip in buffered:
-            if envelope.epoch == epoch:
+            if envelope.epoch == epoch:  # others: from before a re-opening of the room
                 self._deliver(envelope, policy, skip)
 
     def _enqueue(self, envelope: Envelope, policy: Policy) -> None:
@@ -675,10 +683,18 @@ class Connection:
                 tg.start_soon(self._handshake, frame, name=f"wsroom handshake {self.id}")
             elif isinstance(frame, Pong):
                 self._confirm()
-                if heartbeat is not None:
-                    rtt = heartbeat.pong_received(frame.id, anyio.current_time())
-                    if rtt is not None:
-                        metrics.heartbeat_rtt.observe(rtt)
+                now = anyio.current_time()
+                rtt = None if heartbeat is None else heartbeat.pong_received(frame.id, now)
+                if rtt is not None:
+                    metrics.heartbeat_rtt.observe(rtt)
+                elif self._rate is not None:
+                    # An unsolicited pong costs like a message (not answered: an error
+                    # frame for each would let a flood amplify itself).
+                    verdict = self._rate.check(now)
+                    if verdict is Verdict.REFUSE:
+                        metrics.dropped["rate_limited"] += 1
+                    elif verdict is Verdict.CLOSE:
+                        self._request_close(CloseReason.RATE_LIMITED)
             elif isinstance(frame, Msg):
                 self._confirm()
                 verdict = (Verdict.ALLOW if self._rate is None
@@ -853,11 +869,14 @@ class Connection:
             if envelope.stream not in cuts:
                 continue  # a stream left meanwhile
             cut = cuts[envelope.stream]
+            plan = plan_of[envelope.stream]
+            if plan.epoch != envelope.epoch:
+                # Renumbered while the client was being attached: no exact merge.
+                log.warning("%s: stream epoch changed during the handshake", self._tag())
+                self._request_close(CloseReason.GAP)
+                return
             if cut is None:
                 # Everything buffered since the stream was attached is new to the client.
-                plan = plan_of[envelope.stream]
-                if plan.epoch != envelope.epoch:
-                    continue
                 cut = plan.offset = envelope.offset - 1
             if envelope.offset <= cut:
                 continue  # a duplicate of the replay
@@ -869,8 +888,8 @@ class Connection:
             live.append((envelope, policy, skip))
         self._pending = None
         self._pending_bytes = 0
-        self._positions = {key: plan_of[key].offset if cut is None else cut
-                           for key, cut in cuts.items()}
+        self._positions = {key: (plan_of[key].epoch, plan_of[key].offset if cut is None
+                                 else cut) for key, cut in cuts.items()}
         try:
             token = hub._issue_token(session, presented)
         except ValueError:

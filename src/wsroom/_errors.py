@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from ._codes import ErrorCode
 
-__all__ = ["ClientError", "HubNotRunning", "MessageTooLarge", "Reject", "WsroomError",
-           "check_close"]
+__all__ = ["BackplaneUnavailable", "ClientError", "HubNotRunning", "MessageTooLarge",
+           "Reject", "WsroomError"]
 
 
 def check_close(code: int, reason: str) -> None:
@@ -66,3 +66,11 @@ class MessageTooLarge(WsroomError, ValueError):
 
 class HubNotRunning(WsroomError, RuntimeError):
     """The hub was used outside `Hub.run()` (or its lifespan)."""
+
+
+class BackplaneUnavailable(WsroomError, ConnectionError):
+    """The backplane cannot publish now (e.g. its Redis server is unreachable).
+
+    Nothing was published; the message may be published again once the backplane is
+    back (``hub.ready`` tells when).
+    """

@@ -51,7 +51,8 @@ class Heartbeat:
         ValueError: if an interval is not positive.
     """
 
-    __slots__ = ("_deadline", "_idle_deadline", "_next_ping", "_paused", "_ping_id",
+    __slots__ = ("_answered", "_deadline", "_idle_deadline", "_next_ping", "_paused",
+                 "_ping_id",
                  "_ping_sent_at", "idle_timeout", "ping_interval", "pong_timeout", "rtt")
 
     def __init__(
@@ -73,6 +74,7 @@ class Heartbeat:
         self._deadline: float | None = None
         self._idle_deadline = math.inf if idle_timeout is None else now + idle_timeout
         self._ping_id = 0
+        self._answered = True
         self._ping_sent_at = 0.0
         self._paused = False
         self.rtt: float | None = None
@@ -89,9 +91,11 @@ class Heartbeat:
             self._idle_deadline = now + self.idle_timeout
 
     def pong_received(self, ping_id: int, now: float) -> float | None:
-        """A ``pong`` arrived; return the RTT if it answers the latest ping."""
+        """A ``pong`` arrived; return the RTT if it is the first answer to the latest
+        ping, else None (an unsolicited pong: the runtime rate-limits those)."""
         self._deadline = None
-        if ping_id == self._ping_id and ping_id > 0:
+        if ping_id == self._ping_id and ping_id > 0 and not self._answered:
+            self._answered = True
             self.rtt = now - self._ping_sent_at
             return self.rtt
         return None
@@ -122,6 +126,7 @@ class Heartbeat:
         beat = Beat.NOTHING
         if now >= self._next_ping:
             self._ping_id += 1
+            self._answered = False
             self._ping_sent_at = now
             self._next_ping = now + self.ping_interval
             if self._deadline is None:

@@ -212,7 +212,7 @@ class Hub:
         self._admission = Admission(config.max_connections_per_ip,
                                     config.connect_rate_per_ip, config.connect_burst_per_ip)
         self._backplane = backplane if backplane is not None else MemoryBackplane()
-        self._backplane.bind(self._deliver)
+        self._backplane.bind(self._deliver, self._lost)
         self._stats = _Counters()
         self._metrics = Metrics()
         self._phase = _Phase.IDLE
@@ -446,15 +446,20 @@ class Hub:
             raise RuntimeError(f"the hub is {self._phase.value}; a hub runs only once")
         async with anyio.create_task_group() as tg:
             self._tg = tg
-            self._phase = _Phase.RUNNING
-            tg.start_soon(self._expire_sessions, name="wsroom session expiry")
-            log.info("hub running")
+            await self._backplane.start(tg)
             try:
-                yield self
+                self._phase = _Phase.RUNNING
+                tg.start_soon(self._expire_sessions, name="wsroom session expiry")
+                log.info("hub running")
+                try:
+                    yield self
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await self.shutdown()
+                    tg.cancel_scope.cancel()
             finally:
                 with anyio.CancelScope(shield=True):
-                    await self.shutdown()
-                tg.cancel_scope.cancel()
+                    await self._backplane.aclose()
         self._phase = _Phase.STOPPED
 
     @asynccontextmanager
@@ -674,6 +679,28 @@ class Hub:
             if conn is not None:
                 conn._deliver(envelope, policy, session.id == exclude)
         self._metrics.broadcast_duration.observe(time.perf_counter() - started)
+
+    def _lost(self, stream: str) -> None:
+        """The backplane could not deliver some messages of `stream`: its live clients
+        must resume (3010) to recover them from history, or get a snapshot."""
+        owner = inbox_owner(stream)
+        if owner is not None:
+            session = self._sessions.get(owner)
+            sessions = [] if session is None else [session]
+        else:
+            room = self._rooms.get(stream)
+            sessions = [] if room is None else list(room.members)
+        log.warning("stream=%s: messages may have been lost in transit; %d client(s) told "
+                    "to resume", stream, sum(s.connection is not None for s in sessions))
+        for session in sessions:
+            if session.connection is not None:
+                session.connection._request_close(CloseReason.GAP)
+
+    @property
+    def ready(self) -> bool:
+        """True while the hub runs and its backplane can publish and deliver: a
+        readiness probe (a load balancer sends new clients elsewhere while False)."""
+        return self._phase is _Phase.RUNNING and self._backplane.healthy
 
     async def _join(self, conn: Connection, room: str) -> None:
         _check_room_name(room)
