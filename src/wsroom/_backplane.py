@@ -86,6 +86,12 @@ class Backplane(ABC):
         """The hub stopped: release connections."""
 
     @property
+    def shared(self) -> bool:
+        """True if other processes publish to and deliver from the same streams (a
+        room may have members elsewhere even when it has none here)."""
+        return False
+
+    @property
     def healthy(self) -> bool:
         """False while the backplane cannot publish or deliver (a lost connection to
         its server); reported as ``wsroom_backplane_up``. In-process: always True."""
@@ -102,18 +108,21 @@ class Backplane(ABC):
 
     @abstractmethod
     async def publish(self, stream: str, wire_name: str, payload: str, *,
-                      key: Hashable | None = None, exclude: str | None = None) -> Envelope:
-        """Number, store and deliver a message of an open stream.
+                      key: Hashable | None = None, exclude: str | None = None,
+                      limits: HistoryLimits | None = None) -> Envelope:
+        """Number, store and deliver a message of a stream.
 
         Args:
             stream: the stream's key.
             wire_name: the stream's name in the frame (``@inbox`` for inboxes).
             payload: the message's `msg_payload` (event and data, encoded once).
-            key: the coalescing key, scoped to the stream.
+            key: the coalescing key, scoped to the stream: ``(room, key)``.
             exclude: a session id that must not receive it.
+            limits: the stream's history limits, for a `shared` backplane publishing
+                to a stream this process has not opened.
 
         Raises:
-            KeyError: if the stream is not open.
+            KeyError: if the stream is not open (and the backplane is not shared).
             BackplaneUnavailable: if the message cannot be published now.
         """
 
@@ -151,7 +160,8 @@ class MemoryBackplane(Backplane):
         await anyio.lowlevel.checkpoint()
 
     async def publish(self, stream: str, wire_name: str, payload: str, *,
-                      key: Hashable | None = None, exclude: str | None = None) -> Envelope:
+                      key: Hashable | None = None, exclude: str | None = None,
+                      limits: HistoryLimits | None = None) -> Envelope:
         history = self._streams[stream]
         offset = history.offset + 1
         frame = msg_frame_from(wire_name, history.epoch, offset, payload)

@@ -333,23 +333,27 @@ class Hub:
 
         Returns:
             The message's offset in the room's stream, or None if the room has no
-                members (nothing was delivered).
+                members (nothing was delivered; with a shared backplane, such as
+                Redis, the members may be in other processes: it is always published).
 
         Raises:
             HubNotRunning: outside `Hub.run()`.
             MessageTooLarge: if the encoded frame exceeds ``max_queue_bytes``.
+            BackplaneUnavailable: if the backplane cannot publish now.
         """
         self._check_running()
-        target = self._rooms.get(room)
-        if target is None:
+        _check_room_name(room)
+        backplane = self._backplane
+        if room not in self._rooms and not backplane.shared:
             await anyio.lowlevel.checkpoint()
             return None
         payload = self._payload(event, data, room)
-        envelope = await self._backplane.publish(
+        envelope = await backplane.publish(
             room, room, payload,
             key=None if key is None else (room, key),  # rooms never coalesce each other
             exclude=None if exclude is None or exclude._session is None
             else exclude._session.id,
+            limits=self._room_settings(room).history,
         )
         # Let writers run: a publisher in a tight loop must not starve them.
         await anyio.lowlevel.checkpoint()
@@ -375,7 +379,8 @@ class Hub:
             return 0
         payload = self._payload(event, data, INBOX)
         for session in sessions:
-            await self._backplane.publish(inbox_key(session.id), INBOX, payload)
+            await self._backplane.publish(inbox_key(session.id), INBOX, payload,
+                                          limits=self.config.inbox_history)
         await anyio.lowlevel.checkpoint()
         return len(sessions)
 
