@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import secrets
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Hashable
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
 
 import anyio
 from anyio.abc import TaskGroup
@@ -36,7 +37,8 @@ from ._history import HistoryLimits, Recovery, StreamHistory
 from ._protocol import msg_frame_from
 from ._queue import frame_size
 
-__all__ = ["Backplane", "Envelope", "MemoryBackplane"]
+__all__ = ["Backplane", "Envelope", "MemoryBackplane", "PresenceOp", "SessionRecord",
+           "StaleSession", "StateEvents"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +68,68 @@ Deliver = Callable[[Envelope], None]
 Lost = Callable[[str], None]
 
 
+@dataclass(frozen=True, slots=True)
+class SessionRecord:
+    """What any worker needs to take over a session (shared backplanes only).
+
+    Attributes:
+        id: the session id.
+        member: the member id.
+        generation: the newest resume token's generation.
+        accepted: the generations a resume may present (see `Session.accepts`).
+        rooms: the rooms the session is in.
+        info: the member's public info (for presence).
+    """
+
+    id: str
+    member: str
+    generation: int
+    accepted: tuple[int, ...]
+    rooms: tuple[str, ...]
+    info: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceOp:
+    """One change of a room's roster, as workers tell each other.
+
+    Attributes:
+        room: the room.
+        kind: ``attach`` (a connection of the session is online, with `meta`),
+            ``detach`` (the session is away) or ``remove`` (it left the room).
+        member: the member id.
+        session: the session id.
+        info: the member's public info (attach).
+        meta: the connection's public metadata (attach).
+        worker: the worker that made the change (a worker ignores its own).
+    """
+
+    room: str
+    kind: Literal["attach", "detach", "remove"]
+    member: str
+    session: str
+    info: Mapping[str, Any] = field(default_factory=dict)
+    meta: Mapping[str, Any] = field(default_factory=dict)
+    worker: str = ""
+
+
+class StaleSession(Exception):
+    """The session exists, but the token presented is older than one it confirmed."""
+
+
+class StateEvents(Protocol):
+    """What a shared backplane tells the hub about other workers' changes."""
+
+    def presence(self, op: PresenceOp) -> None:
+        """Another worker changed a roster (applied to the local mirror)."""
+
+    def session_moved(self, session: str) -> None:
+        """Another worker took the session over (a resume there): drop it here."""
+
+    def session_ended(self, session: str) -> None:
+        """The session ended elsewhere (expired, or its worker died long ago)."""
+
+
 class Backplane(ABC):
     """Numbering, history and fan-out of streams (see the module docstring)."""
 
@@ -84,6 +148,57 @@ class Backplane(ABC):
 
     async def aclose(self) -> None:  # noqa: B027 - optional
         """The hub stopped: release connections."""
+
+    # -------------------------------------------------- shared state (shared backplanes)
+    #
+    # A shared backplane also shares sessions (so that a client resumes on any worker)
+    # and presence (so that every worker sees the whole roster). The hub calls these
+    # only when `shared` is True; each worker applies its own changes at once and
+    # announces them, and applies the others' through `StateEvents`.
+
+    worker: str = "local"
+    """This process' id among the workers sharing the backplane."""
+
+    def bind_state(self, events: StateEvents) -> None:  # noqa: B027 - optional
+        """Called once by the hub (shared backplanes): where to report other workers'
+        changes."""
+
+    async def save_session(self, record: SessionRecord, ttl: float) -> None:
+        """Store (or update) a live session's record, owned by this worker; it lives
+        `ttl` seconds unless saved or refreshed again."""
+        raise NotImplementedError
+
+    async def claim_session(self, session: str, member: str, generation: int
+                            ) -> SessionRecord | None:
+        """Take over `session` for a resume here; None if it does not exist (ended or
+        expired). The worker that held it is told (`StateEvents.session_moved`).
+
+        Raises:
+            StaleSession: if `generation` was superseded.
+        """
+        raise NotImplementedError
+
+    async def detach_session(self, session: str, window: float) -> None:
+        """The session's client dropped: it ends in `window` seconds unless claimed."""
+        raise NotImplementedError
+
+    async def end_session(self, session: str) -> None:
+        """The session is over: forget its record and remove it from every roster."""
+        raise NotImplementedError
+
+    async def announce(self, op: PresenceOp) -> None:
+        """Record a roster change and tell the other workers."""
+        raise NotImplementedError
+
+    async def roster(self, room: str) -> list[PresenceOp]:
+        """The room's whole roster, as ``attach`` (online) and ``detach`` (away) ops in
+        order of arrival."""
+        raise NotImplementedError
+
+    async def refresh(self, sessions: list[str], ttl: float) -> None:
+        """This worker is alive and still holds `sessions` (their records live `ttl`
+        more seconds)."""
+        raise NotImplementedError
 
     @property
     def shared(self) -> bool:

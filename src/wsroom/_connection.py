@@ -713,8 +713,9 @@ class Connection:
     def _confirm(self) -> None:
         """A frame after the welcome: the client holds the newest resume token."""
         session = self._session
-        if session is not None and session.connection is self and self._welcomed.is_set():
-            session.confirm()
+        if (session is not None and session.connection is self and self._welcomed.is_set()
+                and session.confirm() and self._hub._cluster is not None):
+            self._hub._cluster.session_changed(session)
 
     async def _to_dispatcher(self, frame: Msg) -> None:
         heartbeat = self._heartbeat

@@ -35,7 +35,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import anyio
 from anyio.abc import TaskGroup
@@ -43,7 +43,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from ._admission import Admission, TrustedProxies, client_key
-from ._backplane import Backplane, Envelope, MemoryBackplane
+from ._backplane import Backplane, Envelope, MemoryBackplane, PresenceOp, StaleSession
+from ._cluster import Cluster
 from ._config import HubConfig, RoomConfig
 from ._connection import Connection, Identity
 from ._errors import HubNotRunning, MessageTooLarge, check_close
@@ -213,6 +214,15 @@ class Hub:
                                     config.connect_rate_per_ip, config.connect_burst_per_ip)
         self._backplane = backplane if backplane is not None else MemoryBackplane()
         self._backplane.bind(self._deliver, self._lost)
+        self._cluster: Cluster | None = None
+        self._roster_loading: dict[str, list[PresenceOp]] = {}
+        if self._backplane.shared:
+            if config.resume_secrets is None:
+                raise ValueError("a shared backplane needs HubConfig.resume_secrets (the "
+                                 "same on every worker), or no client could resume on "
+                                 "another worker")
+            self._cluster = Cluster(self)
+            self._backplane.bind_state(_StateEvents(self))
         self._stats = _Counters()
         self._metrics = Metrics()
         self._phase = _Phase.IDLE
@@ -455,6 +465,8 @@ class Hub:
             try:
                 self._phase = _Phase.RUNNING
                 tg.start_soon(self._expire_sessions, name="wsroom session expiry")
+                if self._cluster is not None:
+                    tg.start_soon(self._cluster.run, name="wsroom shared state")
                 log.info("hub running")
                 try:
                     yield self
@@ -523,7 +535,13 @@ class Hub:
                 conn._abort()
             with anyio.move_on_after(config.close_timeout + config.hook_timeout + 1):
                 await self._wait_empty()
-        # Nobody can resume any more: the sessions end with the hub.
+        # With a shared backplane the sessions live on for other workers: hand over
+        # their detaches.
+        if self._cluster is not None and not await self._cluster.flush(config.close_timeout):
+            log.warning("shutdown: %d shared-state change(s) not announced",
+                            len(self._cluster))
+        # Nobody can resume here any more: the sessions end with the hub (with a
+        # shared backplane, only here: their clients resume on another worker).
         ended = [(session, self._forget_session(session, "shutdown"))
                  for session in self._sessions.all()]
         for session, rooms in ended:
@@ -619,6 +637,10 @@ class Hub:
                 replaced._request_close(CloseReason.REPLACED)
             await anyio.lowlevel.checkpoint()
             return session, True
+        if session is None and claims is not None and self._cluster is not None:
+            adopted = await self._adopt_session(conn, identity, claims)
+            if adopted != "absent":
+                return adopted
         if claims is not None:
             self._stats.resumes["new_session"] += 1
         session = self._sessions.create(identity.id, identity, conn)
@@ -627,8 +649,48 @@ class Hub:
         await self._backplane.open(inbox_key(session.id), self.config.inbox_history)
         return session, False
 
+    async def _adopt_session(self, conn: Connection, identity: Identity,
+                             claims: ResumeClaims
+                             ) -> tuple[HubSession, bool] | Literal["absent"] | None:
+        """Resume a session another worker held (shared backplane): its record gives
+        the token state and rooms. None: refused (3500); "absent": no such session
+        exists anywhere (a new one is created)."""
+        try:
+            record = await self._backplane.claim_session(claims.session, identity.id,
+                                                         claims.generation)
+        except StaleSession:
+            self._stats.resumes["rejected"] += 1
+            return None
+        if record is None or record.member != identity.id:
+            return "absent"
+        if self._sessions.get(record.id) is not None or conn._sm.closing:
+            return None  # raced with another resume of the same session here
+        session = self._sessions.create(identity.id, identity, conn, session_id=record.id)
+        conn._session = session
+        session.restore(max(record.generation, claims.generation),
+                        (*record.accepted, claims.generation))
+        await self._backplane.open(inbox_key(session.id), self.config.inbox_history)
+        for room in record.rooms:
+            if session.connection is not conn or self._sessions.get(session.id) is not session:
+                break
+            await self._join_rooms_of(session, room)
+        log.info("%s: session=%s taken over from another worker", conn._tag(), session.id)
+        return session, True
+
+    async def _join_rooms_of(self, session: HubSession, room: str) -> None:
+        """Re-enter `room` for an adopted session (before its welcome)."""
+        config = self._room_settings(room)
+        created = room not in self._rooms
+        if not self._rooms.join(room, session, config=config):
+            return
+        await self._backplane.open(room, config.history)
+        if created and config.presence:
+            await self._load_roster(room)
+
     def _issue_token(self, session: HubSession, presented: int | None) -> str:
         generation = session.rotate(presented)
+        if self._cluster is not None:
+            self._cluster.session_changed(session)
         expires = self._wall_clock() + self.config.resume_token_ttl
         return self._signer.issue(ResumeClaims(session.id, session.member, generation,
                                                expires))
@@ -644,8 +706,84 @@ class Hub:
             diff = roster.attach(session.member, session.id,
                                  info=session.identity.info, meta=conn.meta)
             self._broadcast_presence(room, diff, skip=conn)
+            self._announce(room, "attach", session, conn.meta)
             frames.append(presence_state_frame(room, [e.to_wire() for e in roster.state()]))
         return frames
+
+    def _announce(self, room: str, kind: Any, session: HubSession,
+                  meta: Any = None) -> None:
+        """Tell the other workers about a roster change made here."""
+        if self._cluster is None or not self._room_settings(room).presence:
+            return
+        self._cluster.presence(PresenceOp(
+            room, kind, session.member, session.id,
+            dict(session.identity.info) if kind == "attach" else {},
+            dict(meta or {}) if kind == "attach" else {}, self._backplane.worker))
+
+    async def _load_roster(self, room: str) -> None:
+        """A room opened here (shared backplane): build its roster mirror from the
+        backplane, then apply what other workers announced meanwhile."""
+        if self._cluster is None or room in self._roster_loading:
+            return
+        buffered: list[PresenceOp] = []
+        self._roster_loading[room] = buffered
+        try:
+            ops = await self._backplane.roster(room)
+        except Exception as exc:
+            log.warning("room=%s: roster not loaded (%s); it fills in as members "
+                        "change", room, type(exc).__name__)
+            ops = []
+        finally:
+            self._roster_loading.pop(room, None)
+        me = self._backplane.worker
+        for op in ops:
+            if op.worker != me:  # this worker's own sessions are known here first-hand
+                self._apply_presence(op)
+        for op in buffered:
+            self._apply_presence(op)
+
+    def _remote_presence(self, op: PresenceOp) -> None:
+        """Another worker changed a roster."""
+        if op.worker == self._backplane.worker:
+            return
+        buffered = self._roster_loading.get(op.room)
+        if buffered is not None:
+            buffered.append(op)
+        else:
+            self._apply_presence(op)
+
+    def _apply_presence(self, op: PresenceOp) -> None:
+        roster = self._presence.get(op.room)
+        if roster is None:
+            return
+        local = self._sessions.get(op.session)
+        if local is not None and local.connection is not None and op.kind != "attach":
+            return  # the session is live here: a late word from its previous worker
+        if op.kind == "attach":
+            diff = roster.attach(op.member, op.session, info=op.info, meta=op.meta)
+        elif op.kind == "detach":
+            diff = roster.detach(op.member, op.session, info=op.info)
+        else:
+            diff = roster.remove(op.member, op.session)
+        self._broadcast_presence(op.room, diff)
+
+    def _drop_local(self, session_id: str, why: str) -> None:
+        """Another worker took the session over, or ended it: forget it here without
+        announcing anything (its rosters are updated by whoever holds it now)."""
+        session = self._sessions.get(session_id)
+        if session is None:
+            return
+        if session.connection is not None:
+            session.connection._request_close(CloseReason.REPLACED)
+        self._sessions.remove(session)
+        self._metrics.sessions_ended[why] += 1
+        rooms = sorted(self._rooms.rooms_of(session))
+        for room in rooms:
+            self._rooms.leave(room, session)
+            if room not in self._rooms:
+                self._presence.pop(room, None)
+        if self._tg is not None:
+            self._tg.start_soon(self._close_streams, session, rooms)
 
     def _broadcast_presence(self, room: str, diff: Any, skip: Connection | None = None
                             ) -> None:
@@ -720,9 +858,13 @@ class Hub:
             return
         if created and config.presence:
             self._presence[room] = RoomPresence()
+        if self._cluster is not None:
+            self._cluster.session_changed(session)
         if conn._pending is not None:
             # During the handshake: the welcome will report the stream.
             await self._backplane.open(room, config.history)
+            if created and config.presence:
+                await self._load_roster(room)
             return
         # Welcomed already: buffer the room's deliveries until its position is known,
         # then announce the stream (a `stream` frame) and deliver what follows it.
@@ -730,6 +872,8 @@ class Hub:
         try:
             # A room that did not exist starts a stream (a new epoch in memory).
             epoch, offset = await self._backplane.open(room, config.history)
+            if created and config.presence:
+                await self._load_roster(room)
         finally:
             buffered = conn._starting.pop(room, [])
         if session.connection is not conn or room not in self._rooms.rooms_of(session):
@@ -741,6 +885,7 @@ class Hub:
             diff = roster.attach(session.member, session.id,
                                  info=session.identity.info, meta=conn.meta)
             self._broadcast_presence(room, diff, skip=conn)
+            self._announce(room, "attach", session, conn.meta)
             conn._push_personal(
                 presence_state_frame(room, [e.to_wire() for e in roster.state()]))
 
@@ -761,6 +906,9 @@ class Hub:
             self._presence.pop(room, None)
         elif roster is not None:
             self._broadcast_presence(room, roster.remove(session.member, session.id))
+        self._announce(room, "remove", session)
+        if self._cluster is not None and self._sessions.get(session.id) is session:
+            self._cluster.session_changed(session)
         return True
 
     async def _connection_ended(self, conn: Connection, resumable: bool) -> None:
@@ -771,10 +919,13 @@ class Hub:
             return  # no session yet, a newer connection took it over, or it ended
         if resumable and session.welcomed:
             self._sessions.detach(session, anyio.current_time())
+            if self._cluster is not None:
+                self._cluster.session_detached(session)
             for room in sorted(self._rooms.rooms_of(session)):
                 roster = self._presence.get(room)
                 if roster is not None:
                     self._broadcast_presence(room, roster.detach(session.member, session.id))
+                self._announce(room, "detach", session)
             if self._expiry_wakeup is not None:
                 self._expiry_wakeup.set()
             await self._enforce_detached_cap()
@@ -807,8 +958,17 @@ class Hub:
         if self._sessions.remove(session):
             self._metrics.sessions_ended[why] += 1
         rooms = sorted(self._rooms.rooms_of(session))
+        if self._cluster is not None and why == "shutdown":
+            # Shared: the session lives on for a resume on another worker.
+            for room in rooms:
+                self._rooms.leave(room, session)
+                if room not in self._rooms:
+                    self._presence.pop(room, None)
+            return rooms
         for room in rooms:
             self._leave_room(session, room)
+        if self._cluster is not None:
+            self._cluster.session_ended(session.id)
         return rooms
 
     async def _close_streams(self, session: HubSession, rooms: list[str]) -> None:
@@ -877,3 +1037,21 @@ class _HubAsgi:
             await send({"type": f"lifespan.{phase}.failed", "message": str(exc)})
             return
         await send({"type": "lifespan.shutdown.complete"})
+
+
+class _StateEvents:
+    """What a shared backplane reports to the hub (`StateEvents`)."""
+
+    __slots__ = ("_hub",)
+
+    def __init__(self, hub: Hub) -> None:
+        self._hub = hub
+
+    def presence(self, op: PresenceOp) -> None:
+        self._hub._remote_presence(op)
+
+    def session_moved(self, session: str) -> None:
+        self._hub._drop_local(session, "moved")
+
+    def session_ended(self, session: str) -> None:
+        self._hub._drop_local(session, "ended_elsewhere")

@@ -117,9 +117,22 @@ class RoomPresence:
         record.sessions[session] = dict(meta or {})
         return self._upsert(member, before)
 
-    def detach(self, member: str, session: str) -> PresenceDiff:
-        """A session lost its connection but may resume: it counts as away."""
+    def sessions_of(self, member: str) -> frozenset[str]:
+        """The ids of `member`'s sessions in the room."""
         record = self._members.get(member)
+        return frozenset(() if record is None else record.sessions)
+
+    def detach(self, member: str, session: str, *,
+               info: Mapping[str, Any] | None = None) -> PresenceDiff:
+        """A session lost its connection but may resume: it counts as away. With
+        `info`, a session not seen yet is added as away (another worker's)."""
+        record = self._members.get(member)
+        if info is not None and (record is None or session not in record.sessions):
+            before = None if record is None else self._entry(member)
+            if record is None:
+                record = self._members[member] = _Member(dict(info))
+            record.sessions[session] = None
+            return self._upsert(member, before)
         if record is None or record.sessions.get(session) is None:
             return PresenceDiff()
         before = self._entry(member)

@@ -86,10 +86,24 @@ class Session(Generic[IdentityT, ConnT]):
                                    else {presented, self.generation})
         return self.generation
 
-    def confirm(self) -> None:
-        """The client received its newest token: older ones are useless from now."""
+    def confirm(self) -> bool:
+        """The client received its newest token: older ones are useless from now.
+        Returns True if that changed anything."""
         if len(self._accepted) > 1:
             self._accepted = frozenset({self.generation})
+            return True
+        return False
+
+    @property
+    def accepted(self) -> tuple[int, ...]:
+        """The generations a resume may present, in order."""
+        return tuple(sorted(self._accepted))
+
+    def restore(self, generation: int, accepted: tuple[int, ...]) -> None:
+        """Take over the token state of a session held by another worker until now."""
+        self.generation = generation
+        self.welcomed = True
+        self._accepted = frozenset(accepted)
 
     def accepts(self, generation: int) -> bool:
         """True if a token of `generation` may resume this session."""
@@ -138,12 +152,16 @@ class SessionRegistry(Generic[IdentityT, ConnT]):
         """The sessions of `member` (live and detached)."""
         return list(self._by_member.get(member, {}).values())
 
-    def create(self, member: str, identity: IdentityT, connection: ConnT
-               ) -> Session[IdentityT, ConnT]:
-        """Register a new live session for `connection`."""
-        session_id = secrets.token_urlsafe(12)
-        while session_id in self._sessions:  # pragma: no cover - 96 random bits
+    def create(self, member: str, identity: IdentityT, connection: ConnT, *,
+               session_id: str | None = None) -> Session[IdentityT, ConnT]:
+        """Register a new live session for `connection` (with `session_id`: one taken
+        over from another worker)."""
+        if session_id is None:
             session_id = secrets.token_urlsafe(12)
+            while session_id in self._sessions:  # pragma: no cover - 96 random bits
+                session_id = secrets.token_urlsafe(12)
+        elif session_id in self._sessions:
+            raise ValueError(f"session {session_id!r} exists already")
         session: Session[IdentityT, ConnT] = Session(session_id, member, identity)
         session.connection = connection
         self._sessions[session_id] = session

@@ -1,0 +1,165 @@
+"""The hub's side of shared state: sessions and presence across workers.
+
+With a shared backplane (Redis), a client may resume on any worker and every worker
+shows the whole roster of a room. Each worker applies its own changes at once (its
+clients must never wait for the network to see their own presence) and announces
+them in order through one task, the *outbox*: a session's record is saved when it
+changes (welcome, confirm, rooms), detached when its client drops, ended when it ends;
+roster changes are announced as `PresenceOp`s. The other workers apply them to their
+mirrors (`Hub._remote_presence`). Every `refresh_interval` the outbox also tells the
+backplane that this worker is alive and still holds its live sessions; a worker that
+stops doing so (SIGKILL) is declared dead by the others after its records' TTL: its
+members turn *away*, and end when their resume window passes unless they resume
+elsewhere.
+
+The outbox keeps the order of changes and retries (with backoff) while the backplane
+is unavailable, so a short Redis outage delays announcements but loses none. It is
+bounded: beyond `max_pending` changes the oldest are dropped, with an error in the log
+(rosters may then be stale until the sessions change again).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+import anyio
+
+from ._backplane import PresenceOp, SessionRecord
+
+if TYPE_CHECKING:
+    from ._hub import Hub, HubSession
+
+__all__ = ["Cluster"]
+
+log = logging.getLogger("wsroom.hub")
+
+Job = Callable[[], Awaitable[None]]
+
+
+class Cluster:
+    """An ordered outbox of shared-state changes, flushed by `run`.
+
+    Args:
+        hub: the hub whose sessions and rooms are announced.
+        refresh_interval: seconds between liveness refreshes.
+        max_pending: changes kept while the backplane is unavailable.
+    """
+
+    def __init__(self, hub: Hub, *, refresh_interval: float = 1.0,
+                 max_pending: int = 100_000) -> None:
+        self._hub = hub
+        self._backplane = hub._backplane
+        self._jobs: deque[tuple[str | None, Job]] = deque()
+        self._dirty: set[str] = set()
+        # Events are made in the task (a hub may be built outside any event loop).
+        self._wakeup: anyio.Event | None = None
+        self._idle: anyio.Event | None = None
+        self.refresh_interval = refresh_interval
+        self.max_pending = max_pending
+        self.dropped = 0
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    @property
+    def ttl(self) -> float:
+        """How long a live session's record outlives this worker's last refresh."""
+        return self._hub.config.resume_window + 3 * self.refresh_interval
+
+    # ------------------------------------------------------------------ changes
+
+    def _push(self, job: Job, dirty: str | None = None) -> None:
+        if len(self._jobs) >= self.max_pending:
+            dropped, _ = self._jobs.popleft()
+            if dropped is not None:
+                self._dirty.discard(dropped)
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 1000 == 0:
+                log.error("shared state: %d change(s) dropped while the backplane was "
+                          "unavailable; rosters may be stale", self.dropped)
+        self._jobs.append((dirty, job))
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+    def session_changed(self, session: HubSession) -> None:
+        """Save the session's record (at the next flush, with its state then)."""
+        if session.id in self._dirty:
+            return
+        self._dirty.add(session.id)
+        self._push(lambda: self._save(session), dirty=session.id)
+
+    async def _save(self, session: HubSession) -> None:
+        self._dirty.discard(session.id)
+        hub = self._hub
+        if hub._sessions.get(session.id) is not session or session.connection is None:
+            return  # ended, or detached since (the detach job follows)
+        await self._backplane.save_session(self.record(session), self.ttl)
+
+    def record(self, session: HubSession) -> SessionRecord:
+        """The session as other workers need it."""
+        return SessionRecord(
+            session.id, session.member, session.generation, session.accepted,
+            tuple(sorted(self._hub._rooms.rooms_of(session))),
+            dict(session.identity.info))
+
+    def session_detached(self, session: HubSession) -> None:
+        window = self._hub.config.resume_window
+        self._push(lambda: self._backplane.detach_session(session.id, window))
+
+    def session_ended(self, session_id: str) -> None:
+        self._push(lambda: self._backplane.end_session(session_id))
+
+    def presence(self, op: PresenceOp) -> None:
+        self._push(lambda: self._backplane.announce(op))
+
+    # ------------------------------------------------------------------ the task
+
+    async def run(self) -> None:
+        """Flush changes in order; refresh liveness; retry while unavailable."""
+        backoff = 0.05
+        next_refresh = anyio.current_time()
+        while True:
+            now = anyio.current_time()
+            if now >= next_refresh:
+                try:
+                    await self._refresh()
+                except Exception as exc:
+                    log.warning("shared state: refresh failed: %s", type(exc).__name__)
+                next_refresh = anyio.current_time() + self.refresh_interval
+            if not self._jobs:
+                self._wakeup = wakeup = anyio.Event()
+                with anyio.move_on_at(next_refresh):
+                    await wakeup.wait()
+                continue
+            _, job = self._jobs[0]
+            try:
+                await job()
+            except Exception as exc:
+                log.warning("shared state: backplane unavailable (%s); retrying in %.2fs",
+                            type(exc).__name__, backoff)
+                await anyio.sleep(backoff * random.uniform(0.5, 1.5))
+                backoff = min(backoff * 2, 2.0)
+                continue
+            backoff = 0.05
+            if self._jobs and self._jobs[0][1] is job:
+                self._jobs.popleft()
+            if not self._jobs and self._idle is not None:
+                self._idle.set()
+
+    async def _refresh(self) -> None:
+        live = [s.id for s in self._hub._sessions.all() if s.connection is not None]
+        await self._backplane.refresh(live, self.ttl)
+
+    async def flush(self, within: float = 5.0) -> bool:
+        """Wait until every change so far was announced (False after `within` s)."""
+        with anyio.move_on_after(within):
+            while self._jobs:
+                self._idle = anyio.Event()
+                await self._idle.wait()
+            return True
+        return False
+
