@@ -129,6 +129,10 @@ class StateEvents(Protocol):
     def session_ended(self, session: str) -> None:
         """The session ended elsewhere (expired, or its worker died long ago)."""
 
+    def reannounce(self) -> None:
+        """The others had declared this worker dead (it stalled), or it is new:
+        announce every live session and roster entry it holds again."""
+
 
 class Backplane(ABC):
     """Numbering, history and fan-out of streams (see the module docstring)."""
@@ -195,9 +199,15 @@ class Backplane(ABC):
         order of arrival."""
         raise NotImplementedError
 
-    async def refresh(self, sessions: list[str], ttl: float) -> None:
+    async def refresh(self, sessions: list[str], ttl: float, window: float) -> None:
         """This worker is alive and still holds `sessions` (their records live `ttl`
-        more seconds)."""
+        more seconds). Also: declare workers that stopped refreshing dead (their
+        sessions detach, ending `window` seconds later), and end the detached sessions
+        whose window has passed."""
+        raise NotImplementedError
+
+    async def member_sessions(self, member: str) -> list[str]:
+        """The ids of `member`'s sessions on every worker."""
         raise NotImplementedError
 
     @property

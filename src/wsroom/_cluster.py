@@ -152,7 +152,7 @@ class Cluster:
 
     async def _refresh(self) -> None:
         live = [s.id for s in self._hub._sessions.all() if s.connection is not None]
-        await self._backplane.refresh(live, self.ttl)
+        await self._backplane.refresh(live, self.ttl, self._hub.config.resume_window)
 
     async def flush(self, within: float = 5.0) -> bool:
         """Wait until every change so far was announced (False after `within` s)."""

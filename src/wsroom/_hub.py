@@ -383,16 +383,18 @@ class Hub:
             MessageTooLarge: if the encoded frame exceeds ``max_queue_bytes``.
         """
         self._check_running()
-        sessions = self._sessions.of_member(member)
-        if not sessions:
+        ids = [session.id for session in self._sessions.of_member(member)]
+        if self._cluster is not None:  # and the member's sessions on other workers
+            ids = sorted({*ids, *await self._backplane.member_sessions(member)})
+        if not ids:
             await anyio.lowlevel.checkpoint()
             return 0
         payload = self._payload(event, data, INBOX)
-        for session in sessions:
-            await self._backplane.publish(inbox_key(session.id), INBOX, payload,
+        for session_id in ids:
+            await self._backplane.publish(inbox_key(session_id), INBOX, payload,
                                           limits=self.config.inbox_history)
         await anyio.lowlevel.checkpoint()
-        return len(sessions)
+        return len(ids)
 
     async def disconnect(self, member: str, code: int = 1000, reason: str = "") -> int:
         """End every session of `member` now (e.g. a kick, a ban, a logout elsewhere).
@@ -767,6 +769,18 @@ class Hub:
             diff = roster.remove(op.member, op.session)
         self._broadcast_presence(op.room, diff)
 
+    def _reannounce(self) -> None:
+        """Announce again every live session here and its presence (the others had
+        declared this worker dead while it stalled, or it is new)."""
+        assert self._cluster is not None
+        for session in self._sessions.all():
+            conn = session.connection
+            if conn is None or not conn._welcomed.is_set():
+                continue
+            self._cluster.session_changed(session)
+            for room in sorted(self._rooms.rooms_of(session)):
+                self._announce(room, "attach", session, conn.meta)
+
     def _drop_local(self, session_id: str, why: str) -> None:
         """Another worker took the session over, or ended it: forget it here without
         announcing anything (its rosters are updated by whoever holds it now)."""
@@ -1055,3 +1069,6 @@ class _StateEvents:
 
     def session_ended(self, session: str) -> None:
         self._hub._drop_local(session, "ended_elsewhere")
+
+    def reannounce(self) -> None:
+        self._hub._reannounce()

@@ -1,0 +1,301 @@
+"""Sessions and presence shared through Redis (the `RedisBackplane`'s shared state).
+
+Keys (``P`` is the backplane's prefix; standalone Redis only: the scripts compute key
+names, which Redis Cluster does not allow):
+
+- ``P:sess:<sid>``, a hash: the session record (``m`` member, ``g`` generation, ``a``
+  accepted generations, ``r`` rooms as JSON, ``i`` member info as JSON, ``w`` the worker
+  holding it, ``''`` while detached, ``o`` the last worker that held it). It lives
+  ``ttl`` seconds after its worker's last refresh while live, ``window`` seconds after
+  its detach.
+- ``P:member:<id>``, a set: the member's sessions (for `Hub.send_to` on any worker).
+- ``P:wsess:<worker>``, a set: the sessions a worker holds live.
+- ``P:workers``, a sorted set: workers by their last refresh (ms).
+- ``P:detached``, a sorted set: detached sessions by the time they end (ms).
+- ``P:pres:<room>``, a hash: the room's roster, session id -> ``<arrival>\\n<op JSON>``;
+  ``P:seq`` numbers arrivals.
+
+Roster changes are published on the room's stream channel as ``#p\\n<op JSON>`` (the
+stream reader hands them to `handle_presence`); control messages to one worker on its
+own channel (``moved\\n<sid>``, ``ended\\n<sid>``).
+
+A worker that has not refreshed for `dead_after` seconds is dead: the first worker to
+notice (an atomic ``ZREM``) turns its live sessions into detached ones (their members
+show *away*) that end after the resume window unless a client resumes them elsewhere.
+Ending a session removes it from every roster it was in (one ``remove`` each).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from ._backplane import PresenceOp, SessionRecord, StaleSession
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+__all__ = ["PRESENCE_TAG", "RedisState", "parse_control", "parse_op"]
+
+PRESENCE_TAG = "#p\n"
+"""Prefix of a roster change on a room's channel (stream messages start with a digit)."""
+
+_SAVE = """
+local P, sid, me = ARGV[1], ARGV[2], ARGV[3]
+local k = P .. ':sess:' .. sid
+redis.call('HSET', k, 'm', ARGV[4], 'g', ARGV[5], 'a', ARGV[6], 'r', ARGV[7],
+           'i', ARGV[8], 'w', me, 'o', me)
+redis.call('PEXPIRE', k, ARGV[9])
+redis.call('SADD', P .. ':wsess:' .. me, sid)
+local mk = P .. ':member:' .. ARGV[4]
+redis.call('SADD', mk, sid)
+redis.call('PEXPIRE', mk, ARGV[9])
+redis.call('ZREM', P .. ':detached', sid)
+return 1
+"""
+
+# The claim: the record must exist for this member; the generation presented must be
+# one it accepts, or newer than it (the record may lag a welcome by milliseconds; only
+# a server mints tokens). The previous holder, if another worker, is told.
+_CLAIM = """
+local P, sid, member, gen, me, ttl = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]),
+  ARGV[5], ARGV[6]
+local k = P .. ':sess:' .. sid
+local f = redis.call('HMGET', k, 'm', 'g', 'a', 'r', 'i', 'w')
+if not f[1] or f[1] ~= member then return false end
+local ok = gen > tonumber(f[2])
+for g in string.gmatch(f[3], '%d+') do
+  if tonumber(g) == gen then ok = true end
+end
+if not ok then return {'stale'} end
+redis.call('HSET', k, 'w', me, 'o', me)
+redis.call('PEXPIRE', k, ttl)
+redis.call('ZREM', P .. ':detached', sid)
+redis.call('SADD', P .. ':wsess:' .. me, sid)
+local old = f[6]
+if old and old ~= '' and old ~= me then
+  redis.call('SREM', P .. ':wsess:' .. old, sid)
+  redis.call('PUBLISH', P .. ':w:' .. old, 'moved\\n' .. sid)
+end
+return {'ok', f[2], f[3], f[4], f[5]}
+"""
+
+_DETACH = """
+local P, sid, me, due, keep = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local k = P .. ':sess:' .. sid
+if redis.call('HGET', k, 'w') ~= me then return 0 end
+redis.call('HSET', k, 'w', '')
+redis.call('PEXPIRE', k, keep)
+redis.call('SREM', P .. ':wsess:' .. me, sid)
+redis.call('ZADD', P .. ':detached', due, sid)
+return 1
+"""
+
+# Shared by ending and reaping: remove a session from its rosters and forget it.
+_END_BODY = """
+local function finish(P, sid, tell)
+  local k = P .. ':sess:' .. sid
+  local f = redis.call('HMGET', k, 'm', 'r', 'o', 'w')
+  redis.call('ZREM', P .. ':detached', sid)
+  if not f[1] then return 0 end
+  local ok, rooms = pcall(cjson.decode, f[2])
+  if ok then
+    for _, room in ipairs(rooms) do
+      if redis.call('HDEL', P .. ':pres:' .. room, sid) == 1 then
+        redis.call('PUBLISH', P .. ':c:' .. room, '#p\\n' .. cjson.encode(
+          {room = room, k = 'remove', m = f[1], s = sid, w = ''}))
+      end
+    end
+  end
+  redis.call('DEL', k)
+  redis.call('SREM', P .. ':member:' .. f[1], sid)
+  if f[4] and f[4] ~= '' then redis.call('SREM', P .. ':wsess:' .. f[4], sid) end
+  if tell and f[3] and f[3] ~= '' then
+    redis.call('PUBLISH', P .. ':w:' .. f[3], 'ended\\n' .. sid)
+  end
+  return 1
+end
+"""
+
+_END = _END_BODY + """
+return finish(ARGV[1], ARGV[2], false)
+"""
+
+_ANNOUNCE = """
+local P, room, sid, kind, op = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local pk = P .. ':pres:' .. room
+if kind == 'remove' then
+  if redis.call('HDEL', pk, sid) == 0 then return 0 end
+else
+  local old = redis.call('HGET', pk, sid)
+  local n = old and string.match(old, '^(%d+)') or redis.call('INCR', P .. ':seq')
+  redis.call('HSET', pk, sid, n .. '\\n' .. op)
+end
+redis.call('PUBLISH', P .. ':c:' .. room, '#p\\n' .. op)
+return 1
+"""
+
+# Liveness and reaping, run by every worker on each refresh. Returns 1 if this worker
+# was not registered (new, or declared dead while it stalled): it must re-announce.
+_REFRESH = _END_BODY + """
+local P, me, now, dead_after, window = ARGV[1], ARGV[2], tonumber(ARGV[3]),
+  tonumber(ARGV[4]), tonumber(ARGV[5])
+local fresh = redis.call('ZADD', P .. ':workers', now, me)
+for _, w in ipairs(redis.call('ZRANGEBYSCORE', P .. ':workers', '-inf', now - dead_after)) do
+  if redis.call('ZREM', P .. ':workers', w) == 1 then
+    local held = P .. ':wsess:' .. w
+    for _, sid in ipairs(redis.call('SMEMBERS', held)) do
+      local k = P .. ':sess:' .. sid
+      local f = redis.call('HMGET', k, 'w', 'r', 'm', 'i')
+      if f[1] == w then
+        redis.call('HSET', k, 'w', '')
+        redis.call('PEXPIRE', k, window + 60000)
+        redis.call('ZADD', P .. ':detached', now + window, sid)
+        local ok, rooms = pcall(cjson.decode, f[2])
+        if ok then
+          for _, room in ipairs(rooms) do
+            local pk = P .. ':pres:' .. room
+            local old = redis.call('HGET', pk, sid)
+            if old then
+              local n = string.match(old, '^(%d+)')
+              local op = cjson.encode({room = room, k = 'detach', m = f[3], s = sid,
+                                       i = cjson.decode(f[4] or '{}'), w = ''})
+              redis.call('HSET', pk, sid, n .. '\\n' .. op)
+              redis.call('PUBLISH', P .. ':c:' .. room, '#p\\n' .. op)
+            end
+          end
+        end
+      end
+    end
+    redis.call('DEL', held)
+  end
+end
+for _, sid in ipairs(redis.call('ZRANGEBYSCORE', P .. ':detached', '-inf', now,
+                                'LIMIT', 0, 100)) do
+  finish(P, sid, true)
+end
+return fresh
+"""
+
+
+def _op_json(op: PresenceOp) -> str:
+    return json.dumps({"room": op.room, "k": op.kind, "m": op.member, "s": op.session,
+                       "i": dict(op.info), "c": dict(op.meta), "w": op.worker},
+                      separators=(",", ":"))
+
+
+def parse_op(data: str) -> PresenceOp | None:
+    """A roster change from its JSON (None if malformed)."""
+    try:
+        raw = json.loads(data)
+        kind = raw["k"]
+        if kind not in ("attach", "detach", "remove"):
+            return None
+        info = raw.get("i") or {}
+        meta = raw.get("c") or {}
+        return PresenceOp(str(raw["room"]), kind, str(raw["m"]), str(raw["s"]),
+                          info if isinstance(info, dict) else {},
+                          meta if isinstance(meta, dict) else {}, str(raw.get("w", "")))
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+class RedisState:
+    """The shared-state operations of `RedisBackplane` (see the module docstring).
+
+    Args:
+        client: the backplane's command client (``decode_responses=True``).
+        prefix: the key prefix.
+        worker: this worker's id (its control channel is ``P:w:<worker>``).
+        now_ms: the wall clock in milliseconds (all workers' clocks are compared).
+    """
+
+    def __init__(self, client: Redis, prefix: str, worker: str,
+                 now_ms: Callable[[], int]) -> None:
+        self._client = client
+        self._prefix = prefix
+        self.worker = worker
+        self._now_ms = now_ms
+        self._save = client.register_script(_SAVE)
+        self._claim = client.register_script(_CLAIM)
+        self._detach = client.register_script(_DETACH)
+        self._end = client.register_script(_END)
+        self._announce = client.register_script(_ANNOUNCE)
+        self._refresh = client.register_script(_REFRESH)
+        self.window_ms = 120_000
+        """The resume window (set by the hub's config through the backplane)."""
+        self.dead_after_ms = 3_000
+
+    async def save_session(self, record: SessionRecord, ttl: float) -> None:
+        await self._save(args=[
+            self._prefix, record.id, self.worker, record.member, record.generation,
+            ",".join(map(str, record.accepted)), json.dumps(list(record.rooms)),
+            json.dumps(dict(record.info)), max(1, int(ttl * 1000))])
+
+    async def claim_session(self, session: str, member: str, generation: int, ttl: float
+                            ) -> SessionRecord | None:
+        result = await self._claim(args=[self._prefix, session, member, generation,
+                                         self.worker, max(1, int(ttl * 1000))])
+        if not result:
+            return None
+        if result[0] == "stale":
+            raise StaleSession(session)
+        _, g, accepted, rooms, info = result
+        try:
+            room_list = tuple(str(room) for room in json.loads(rooms or "[]"))
+            info_map = json.loads(info or "{}")
+        except ValueError:
+            room_list, info_map = (), {}
+        return SessionRecord(session, member, int(g),
+                             tuple(int(a) for a in str(accepted).split(",") if a),
+                             room_list, info_map if isinstance(info_map, dict) else {})
+
+    async def detach_session(self, session: str, window: float) -> None:
+        due = self._now_ms() + int(window * 1000)
+        await self._detach(args=[self._prefix, session, self.worker, due,
+                                 int(window * 1000) + 60_000])
+
+    async def end_session(self, session: str) -> None:
+        await self._end(args=[self._prefix, session])
+
+    async def announce(self, op: PresenceOp) -> None:
+        await self._announce(args=[self._prefix, op.room, op.session, op.kind,
+                                   _op_json(op)])
+
+    async def roster(self, room: str) -> list[PresenceOp]:
+        entries = await self._client.hgetall(f"{self._prefix}:pres:{room}")
+        ordered: list[tuple[int, PresenceOp]] = []
+        for value in entries.values():
+            number, _, data = str(value).partition("\n")
+            op = parse_op(data)
+            if op is not None and number.isdigit():
+                ordered.append((int(number), op))
+        ordered.sort(key=lambda pair: pair[0])
+        return [op for _, op in ordered]
+
+    async def member_sessions(self, member: str) -> list[str]:
+        found = await self._client.smembers(f"{self._prefix}:member:{member}")
+        return sorted(str(sid) for sid in found)
+
+    async def refresh(self, sessions: list[str], ttl: float) -> bool:
+        """Liveness, record TTLs and reaping; True if this worker was not registered
+        (it must re-announce what it holds)."""
+        ttl_ms = max(1, int(ttl * 1000))
+        async with self._client.pipeline(transaction=False) as pipe:
+            for sid in sessions:
+                pipe.pexpire(f"{self._prefix}:sess:{sid}", ttl_ms)
+            if sessions:
+                await pipe.execute()
+        fresh = await self._refresh(args=[self._prefix, self.worker, self._now_ms(),
+                                          self.dead_after_ms, self.window_ms])
+        return bool(fresh)
+
+
+def parse_control(data: str) -> tuple[str, str] | None:
+    """``(verb, session id)`` of a control message (None if malformed)."""
+    verb, _, session = data.partition("\n")
+    if verb in ("moved", "ended") and session:
+        return verb, session
+    return None
+
