@@ -21,13 +21,17 @@ def test_the_api_reference_documents_exactly_the_exports() -> None:
     assert len(documented) == len(set(documented))
 
 
-def test_the_public_submodules_are_the_client_and_metrics() -> None:
+def test_the_public_submodules() -> None:
     import wsroom.client
     import wsroom.metrics
+    import wsroom.redis
+    import wsroom.testing
 
     public_modules = {name for name in dir(wsroom) if not name.startswith("_")
                       and type(getattr(wsroom, name)).__name__ == "module"}
-    assert public_modules == {"client", "metrics"}
+    assert public_modules == {"client", "metrics", "redis", "testing"}
     assert set(wsroom.metrics.__all__) == {"HubCollector", "metrics_app"}
     assert set(wsroom.client.__all__) == {"Client", "ClientClosed", "Message",
                                           "RequestError", "Snapshot", "backoff_delay"}
+    assert set(wsroom.redis.__all__) == {"RedisBackplane"}
+    assert set(wsroom.testing.__all__) == {"BackplaneConformance", "Recorder"}

@@ -1,0 +1,467 @@
+"""RedisBackplane under concurrency and faults (asyncio only: redis-py).
+
+The fault tests run their own ``redis-server`` on a free port (no persistence), which
+they kill, restart, stop and continue; the others use the Redis on 127.0.0.1:6379
+with a unique key prefix. Without Redis they are skipped, except on CI (CI=true).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
+
+import anyio
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from support import Player, hub_app, serve
+from test_backplane_conformance import REDIS_URL, delete_prefix, redis_or_skip
+from wsroom import BackplaneUnavailable, Connection, Envelope, HistoryLimits, Hub, HubConfig
+from wsroom._protocol import msg_payload
+from wsroom.testing import Recorder
+
+pytestmark = pytest.mark.anyio
+
+LIMITS = HistoryLimits()
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"  # redis-py is asyncio-only
+
+
+@pytest.fixture
+def prefix() -> Iterator[str]:
+    redis_or_skip()
+    name = f"wsroom-test-{secrets.token_hex(6)}"
+    yield name
+    delete_prefix(name)
+
+
+@asynccontextmanager
+async def backplanes(count: int, url: str = REDIS_URL, **kwargs: Any
+                     ) -> AsyncIterator[list[Recorder]]:
+    """`count` started RedisBackplanes, bound to recorders."""
+    from wsroom.redis import RedisBackplane
+
+    async with AsyncExitStack() as stack:
+        tg = await stack.enter_async_context(anyio.create_task_group())
+        recorders = []
+        for _ in range(count):
+            backplane = RedisBackplane(url, **kwargs)
+            recorder = Recorder(backplane)
+            await backplane.start(tg)
+            stack.push_async_callback(backplane.aclose)
+            recorders.append(recorder)
+        yield recorders
+
+
+def offsets(envelopes: list[Envelope]) -> list[int]:
+    return [e.offset for e in envelopes]
+
+
+def contiguous_per_epoch(envelopes: list[Envelope]) -> dict[str, list[int]]:
+    """The delivered offsets per epoch; each run must be consecutive and epochs must
+    not come back once left."""
+    runs: dict[str, list[int]] = {}
+    current = None
+    for envelope in envelopes:
+        if envelope.epoch != current:
+            assert envelope.epoch not in runs, "an epoch came back"
+            current = envelope.epoch
+            runs[current] = []
+        run = runs[current]
+        assert not run or envelope.offset == run[-1] + 1, f"a silent gap: {run[-3:]} " \
+            f"then {envelope.offset}"
+        run.append(envelope.offset)
+    return runs
+
+
+async def wait_until(predicate: Any, timeout: float = 15) -> None:
+    with anyio.fail_after(timeout):
+        while not predicate():
+            await anyio.sleep(0.01)
+
+
+# ------------------------------------------------------------ an own redis-server
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class RedisServer:
+    """A throwaway redis-server on a free port, without persistence."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--protected-mode", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    async def wait_ready(self) -> None:
+        import redis
+
+        client = redis.asyncio.Redis.from_url(self.url, socket_timeout=1)
+        try:
+            with anyio.fail_after(10):
+                while True:
+                    try:
+                        await client.ping()
+                        return
+                    except (redis.RedisError, OSError):
+                        await anyio.sleep(0.02)
+        finally:
+            await client.aclose()
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+
+    def signal(self, number: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(number)
+
+    async def command(self, *args: Any) -> Any:
+        import redis
+
+        client = redis.asyncio.Redis.from_url(self.url, socket_timeout=2,
+                                              decode_responses=True)
+        try:
+            return await client.execute_command(*args)
+        finally:
+            await client.aclose()
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[RedisServer]:
+    if not os.path.exists(REDIS_SERVER):  # noqa: ASYNC240
+        if os.environ.get("CI") == "true":
+            pytest.fail("redis-server is not installed (CI=true)")
+        pytest.skip("redis-server is not installed")
+    redis_or_skip()
+    server = RedisServer()
+    server.start()
+    try:
+        await server.wait_ready()
+        yield server
+    finally:
+        if server.process is not None and server.process.poll() is None:
+            server.process.send_signal(signal.SIGCONT)
+            server.kill()
+
+
+# --------------------------------------------------------------------- concurrency
+
+
+@settings(max_examples=25, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(plan=st.lists(st.tuples(st.integers(0, 1), st.integers(1, 12),
+                               st.sampled_from([0.0, 0.0, 0.001, 0.003])),
+                     min_size=1, max_size=5),
+       opener=st.integers(0, 2))
+async def test_concurrent_publishers_never_duplicate_or_skip_an_offset(
+        plan: list[tuple[int, int, float]], opener: int) -> None:
+    """Publishers on two instances, in random numbers and paces: the offsets returned
+    are exactly 1..N, each instance delivers 1..N in order, and the history holds
+    exactly that. `opener`: which instances open the stream first (2: both at once)."""
+    redis_or_skip()
+    prefix = f"wsroom-test-{secrets.token_hex(6)}"
+    try:
+        async with backplanes(2, prefix=prefix) as recorders:
+            if opener == 2:
+                async with anyio.create_task_group() as tg:
+                    for recorder in recorders:
+                        tg.start_soon(recorder.backplane.open, "room", LIMITS)
+            else:
+                await recorders[opener].backplane.open("room", LIMITS)
+                await recorders[1 - opener].backplane.open("room", LIMITS)
+            returned: list[Envelope] = []
+
+            async def publisher(index: int, count: int, pause: float) -> None:
+                backplane = recorders[index].backplane
+                for n in range(count):
+                    returned.append(await backplane.publish(
+                        "room", "room", msg_payload("e", [index, n]), limits=LIMITS))
+                    if pause:
+                        await anyio.sleep(pause)
+
+            async with anyio.create_task_group() as tg:
+                for index, count, pause in plan:
+                    tg.start_soon(publisher, index, count, pause)
+            total = sum(count for _, count, _ in plan)
+            assert sorted(offsets(returned)) == list(range(1, total + 1))
+            by_offset = sorted(returned, key=lambda e: e.offset)
+            for recorder in recorders:
+                assert await recorder.wait("room", total) == by_offset
+            await anyio.sleep(0.05)
+            epoch = by_offset[0].epoch
+            for recorder in recorders:
+                assert recorder.of("room") == by_offset
+                assert recorder.lost == []
+                recovery = await recorder.backplane.since("room", epoch, 0)
+                assert recovery.recovered
+                assert recovery.frames == tuple(e.frame for e in by_offset)
+    finally:
+        delete_prefix(prefix)
+
+
+async def test_bytes_are_accounted_as_frame_sizes(prefix: str) -> None:
+    """The meta's byte count is the sum of the retained frames' sizes."""
+    limits = HistoryLimits(max_bytes=2000)
+    async with backplanes(1, prefix=prefix) as (recorder,):
+        await recorder.backplane.open("room", limits)
+        envelopes = [await recorder.backplane.publish(
+            "room", "room", msg_payload("e", "é" * n), limits=limits) for n in range(40)]
+        import redis
+
+        client = redis.Redis.from_url(REDIS_URL, decode_responses=True)
+        try:
+            meta = client.hgetall(f"{prefix}:{{room}}:m")
+            ids = [entry_id for entry_id, _ in client.xrange(f"{prefix}:{{room}}:s")]
+        finally:
+            client.close()
+        kept = [e for e in envelopes if f"{e.offset}-0" in ids]
+        assert [f"{e.offset}-0" for e in kept] == ids
+        assert kept[-1] is envelopes[-1]
+        assert int(meta["b"]) == sum(e.size for e in kept) <= 2000
+        assert sum(e.size for e in envelopes[-len(kept) - 1:]) > 2000
+
+
+async def test_start_refuses_trio() -> None:
+    """redis-py runs on asyncio only: a clear error on trio."""
+    redis_or_skip()
+    from wsroom.redis import RedisBackplane
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            with pytest.raises(RuntimeError, match="asyncio only"):
+                await RedisBackplane().start(tg)
+
+    await anyio.to_thread.run_sync(lambda: anyio.run(main, backend="trio"))
+
+
+# -------------------------------------------------------------------------- faults
+
+
+async def test_redis_restarted_mid_stream(server: RedisServer) -> None:
+    """SIGKILL while a publisher runs, then a restart without data: publishes fail
+    meanwhile, health goes down and up, the open streams are lost (new epoch), no
+    offset is reused within an epoch and no delivery skips silently."""
+    async with backplanes(2, server.url, ping_interval=0.2, ping_timeout=1.0) as (a, b):
+        epoch, _ = await a.backplane.open("room", LIMITS)
+        await b.backplane.open("room", LIMITS)
+        returned: list[Envelope] = []
+        failures = 0
+        health: list[tuple[bool, bool]] = []
+        stop = anyio.Event()
+
+        async def publisher() -> None:
+            nonlocal failures
+            n = 0
+            while not stop.is_set():
+                n += 1
+                try:
+                    returned.append(await a.backplane.publish(
+                        "room", "room", msg_payload("e", n), limits=LIMITS))
+                except BackplaneUnavailable:
+                    failures += 1
+                await anyio.sleep(0.005)
+
+        async def watch() -> None:
+            while not stop.is_set():
+                state = (a.backplane.healthy, b.backplane.healthy)
+                if not health or health[-1] != state:
+                    health.append(state)
+                await anyio.sleep(0.005)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(publisher)
+            tg.start_soon(watch)
+            await wait_until(lambda: len(returned) >= 30)
+            server.kill()
+            await wait_until(lambda: not a.backplane.healthy and not b.backplane.healthy)
+            before = failures
+            await wait_until(lambda: failures >= before + 3)
+            server.start()
+            await server.wait_ready()
+            await wait_until(lambda: a.backplane.healthy and b.backplane.healthy)
+            count = len(returned)
+            await wait_until(lambda: len(returned) >= count + 30)
+            stop.set()
+        assert failures >= 3
+        assert health[0] == (True, True)
+        assert (False, False) in health
+        assert health[-1] == (True, True)
+        assert a.lost
+        assert b.lost
+        assert set(a.lost) == set(b.lost) == {"room"}
+        epochs = list(dict.fromkeys(e.epoch for e in returned))
+        assert epochs[0] == epoch
+        assert len(epochs) == 2, "one new epoch after the restart"
+        for each in epochs:  # one publisher: 1, 2, 3, ... in each epoch, never reused
+            assert offsets([e for e in returned if e.epoch == each]) == list(
+                range(1, 1 + sum(e.epoch == each for e in returned)))
+        for recorder in (a, b):
+            runs = contiguous_per_epoch(recorder.of("room"))
+            assert list(runs) == epochs
+            assert runs[epoch][0] == 1
+            # The last messages of the new epoch arrived.
+            assert runs[epochs[1]][-1] == returned[-1].offset
+        # Everything published before the kill was delivered on both.
+        acked = [e.offset for e in returned if e.epoch == epoch]
+        assert offsets(a.of("room"))[:len(acked)] == acked
+        assert b.backplane.stats["lost"] >= 1
+        assert a.backplane.stats["publish_errors"] == failures
+
+
+async def test_subscriber_killed_catches_up_from_history(server: RedisServer) -> None:
+    """CLIENT KILL TYPE pubsub while messages flow: both subscribers reconnect and
+    catch up from the history; nobody is told to resume; every message once, in
+    order."""
+    async with backplanes(2, server.url, ping_interval=0.2, ping_timeout=1.0) as (a, b):
+        await a.backplane.open("room", LIMITS)
+        await b.backplane.open("room", LIMITS)
+        returned: list[Envelope] = []
+        stop = anyio.Event()
+
+        async def publisher() -> None:
+            n = 0
+            while not stop.is_set():
+                n += 1
+                returned.append(await a.backplane.publish(
+                    "room", "room", msg_payload("e", n), limits=LIMITS))
+                await anyio.sleep(0.002)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(publisher)
+            for kills in range(1, 4):
+                await wait_until(lambda: len(returned) >= 20)
+                killed = await server.command("CLIENT", "KILL", "TYPE", "pubsub")
+                assert killed == 2
+                await wait_until(lambda kills=kills: all(
+                    r.backplane.healthy and r.backplane.stats["reconnects"] == kills
+                    for r in (a, b)))
+                returned_now = len(returned)
+                await wait_until(lambda: len(returned) >= returned_now + 20)  # noqa: B023
+            stop.set()
+        total = len(returned)
+        assert offsets(returned) == list(range(1, total + 1))
+        for recorder in (a, b):
+            assert offsets(await recorder.wait("room", total)) == list(range(1, total + 1))
+            assert recorder.lost == []
+            assert recorder.backplane.stats["reconnects"] == 3
+        assert b.backplane.stats["caught_up"] >= 1
+
+
+async def test_subscriber_killed_too_long_for_the_history_is_lost(
+        server: RedisServer) -> None:
+    """The same, but more was published meanwhile than the history keeps: the
+    stream is lost there (its clients resume), and delivery goes on after it."""
+    limits = HistoryLimits(max_messages=3)
+    async with backplanes(2, server.url, ping_interval=0.2, ping_timeout=1.0) as (a, b):
+        await a.backplane.open("room", limits)
+        epoch, _ = await b.backplane.open("room", limits)
+        for n in range(5):
+            await a.backplane.publish("room", "room", msg_payload("e", n), limits=limits)
+        await b.wait("room", 5)
+        assert await server.command("CLIENT", "KILL", "TYPE", "pubsub") == 2
+        for n in range(5, 45):  # faster than a reconnection (>= 50 ms)
+            await a.backplane.publish("room", "room", msg_payload("e", n), limits=limits)
+        await wait_until(lambda: b.backplane.healthy and b.lost == ["room"])
+        await a.backplane.publish("room", "room", msg_payload("e", 45), limits=limits)
+        await b.wait("room", 6)
+        assert offsets(b.of("room")) == [1, 2, 3, 4, 5, 46]
+        assert {e.epoch for e in b.of("room")} == {epoch}
+        assert b.backplane.stats["lost"] == 1
+        # `a` delivered its own publishes as they were made: nothing to catch up.
+        assert offsets(a.of("room")) == list(range(1, 47))
+        assert a.lost == []
+
+
+async def test_half_open_subscriber_connection_is_detected(server: RedisServer) -> None:
+    """Redis stopped (SIGSTOP): the socket stays open but nothing answers. The PINGs
+    find out (healthy goes False) within ping_timeout; after SIGCONT it recovers."""
+    async with backplanes(2, server.url, ping_interval=0.2, ping_timeout=1.0) as (a, b):
+        await a.backplane.open("room", LIMITS)
+        await b.backplane.open("room", LIMITS)
+        await a.backplane.publish("room", "room", msg_payload("e", 1), limits=LIMITS)
+        await b.wait("room", 1)
+        server.signal(signal.SIGSTOP)
+        started = anyio.current_time()
+        try:
+            await wait_until(lambda: not a.backplane.healthy and not b.backplane.healthy,
+                             timeout=10)
+            detected = anyio.current_time() - started
+            assert detected < 1.0 + 0.2 + 1.0  # ping_timeout + ping_interval + slack
+            await anyio.sleep(1.5)  # reconnection attempts against a stopped server
+            assert not a.backplane.healthy
+        finally:
+            server.signal(signal.SIGCONT)
+        await wait_until(lambda: a.backplane.healthy and b.backplane.healthy)
+        await a.backplane.publish("room", "room", msg_payload("e", 2), limits=LIMITS)
+        for recorder in (a, b):
+            assert offsets(await recorder.wait("room", 2)) == [1, 2]
+            assert recorder.lost == []
+            assert recorder.backplane.stats["reconnects"] >= 1
+
+
+# ----------------------------------------------------------------- two real hubs
+
+
+async def test_two_hubs_share_a_room_through_redis(prefix: str) -> None:
+    """Clients of one room on two hubs (two uvicorn servers, two RedisBackplanes)
+    receive what either hub publishes, in one order, without gaps."""
+    from wsroom.redis import RedisBackplane
+
+    secret = secrets.token_bytes(32)
+    hubs = [Hub(HubConfig(ping_interval=5, pong_timeout=5, resume_secrets=[secret]),
+                backplane=RedisBackplane(REDIS_URL, prefix=prefix)) for _ in range(2)]
+    for hub in hubs:
+        @hub.on_connect
+        async def join(conn: Connection) -> None:
+            await conn.join("room")
+
+    async with AsyncExitStack() as stack:
+        urls = [await stack.enter_async_context(serve(hub_app(hub))) for hub in hubs]
+        players = [await stack.enter_async_context(Player.connect(url + "/ws"))
+                   for url in urls for _ in range(2)]
+        for hub in hubs:
+            assert hub.ready
+        for player in players:
+            assert player.welcome is not None
+            assert player.welcome["streams"]["room"]["offset"] == 0
+        epoch = players[0].welcome["streams"]["room"]["epoch"]  # type: ignore[index]
+
+        async def publisher(index: int) -> None:
+            for n in range(25):
+                await hubs[index].publish("room", "e", [index, n])
+                await anyio.lowlevel.checkpoint()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(publisher, 0)
+            tg.start_soon(publisher, 1)
+        seen = []
+        for player in players:
+            msgs = await player.collect(50)
+            assert [m["offset"] for m in msgs] == list(range(1, 51))
+            assert {m["epoch"] for m in msgs} == {epoch}
+            seen.append([tuple(m["data"]) for m in msgs])
+        assert all(order == seen[0] for order in seen)
+        assert sorted(seen[0]) == sorted((i, n) for i in range(2) for n in range(25))
