@@ -129,6 +129,10 @@ class StateEvents(Protocol):
     def session_ended(self, session: str) -> None:
         """The session ended elsewhere (expired, or its worker died long ago)."""
 
+    def resynced(self) -> None:
+        """The backplane reconnected: what other workers said meanwhile may be lost
+        (reload rosters, check who holds this worker's sessions now)."""
+
     def reannounce(self) -> None:
         """The others had declared this worker dead (it stalled), or it is new:
         announce every live session and roster entry it holds again."""
@@ -172,10 +176,11 @@ class Backplane(ABC):
         `ttl` seconds unless saved or refreshed again."""
         raise NotImplementedError
 
-    async def claim_session(self, session: str, member: str, generation: int
-                            ) -> SessionRecord | None:
-        """Take over `session` for a resume here; None if it does not exist (ended or
-        expired). The worker that held it is told (`StateEvents.session_moved`).
+    async def claim_session(self, session: str, member: str, generation: int,
+                            ttl: float) -> SessionRecord | None:
+        """Take over `session` for a resume here (its record then lives `ttl` more
+        seconds); None if it does not exist (ended or expired). The worker that held
+        it is told (`StateEvents.session_moved`).
 
         Raises:
             StaleSession: if `generation` was superseded.
@@ -204,6 +209,11 @@ class Backplane(ABC):
         more seconds). Also: declare workers that stopped refreshing dead (their
         sessions detach, ending `window` seconds later), and end the detached sessions
         whose window has passed."""
+        raise NotImplementedError
+
+    async def session_owners(self, sessions: list[str]) -> dict[str, str | None]:
+        """Which worker holds each session now: its id, ``""`` while detached, None
+        if the session no longer exists."""
         raise NotImplementedError
 
     async def member_sessions(self, member: str) -> list[str]:

@@ -56,7 +56,7 @@ from pydantic import ValidationError
 
 from ._budget import ErrorBudget
 from ._codes import CloseCode, ErrorCode, should_reconnect
-from ._errors import ClientError, Reject, check_close
+from ._errors import BackplaneUnavailable, ClientError, Reject, check_close
 from ._handlers import MessageContext
 from ._heartbeat import Beat, Heartbeat
 from ._protocol import (
@@ -318,7 +318,8 @@ class Connection:
             await anyio.lowlevel.checkpoint()
             return None
         envelope = await hub._backplane.publish(
-            inbox_key(session.id), INBOX, hub._payload(event, data, INBOX))
+            inbox_key(session.id), INBOX, hub._payload(event, data, INBOX),
+            limits=hub.config.inbox_history)
         # Let the writer run: a handler sending in a tight loop must not starve it.
         await anyio.lowlevel.checkpoint()
         return envelope.offset
@@ -745,6 +746,9 @@ class Connection:
             return True, await hook
         except Reject as exc:
             self._request_close(CloseReason.APP, exc.code, exc.reason)
+        except BackplaneUnavailable as exc:
+            log.warning("%s: %s: %s", self._tag(), what, exc)
+            self._request_close(CloseReason.BACKPLANE_UNAVAILABLE)
         except Exception:
             log.exception("%s: %s raised", self._tag(), what)
             self._request_close(CloseReason.INTERNAL_ERROR)
@@ -778,7 +782,10 @@ class Connection:
         self.identity = identity
         # From the moment the session is attached, deliveries are buffered.
         self._pending = []
-        opened = await hub._open_session(self, identity, claims)
+        ok, opened = await self._guarded("opening the session",
+                                         hub._open_session(self, identity, claims))
+        if not ok:
+            return
         if opened is None:
             log.info("%s: stale resume token refused", self._tag())
             self._request_close(CloseReason.RESUME_REJECTED)

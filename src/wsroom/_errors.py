@@ -71,6 +71,7 @@ class HubNotRunning(WsroomError, RuntimeError):
 class BackplaneUnavailable(WsroomError, ConnectionError):
     """The backplane cannot publish now (e.g. its Redis server is unreachable).
 
-    Nothing was published; the message may be published again once the backplane is
-    back (``hub.ready`` tells when).
+    Usually nothing was published; after a timeout the outcome is unknown (the
+    message may have been numbered and delivered). ``hub.ready`` tells when the
+    backplane is back.
     """

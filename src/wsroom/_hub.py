@@ -658,8 +658,9 @@ class Hub:
         the token state and rooms. None: refused (3500); "absent": no such session
         exists anywhere (a new one is created)."""
         try:
-            record = await self._backplane.claim_session(claims.session, identity.id,
-                                                         claims.generation)
+            assert self._cluster is not None
+            record = await self._backplane.claim_session(
+                claims.session, identity.id, claims.generation, self._cluster.ttl)
         except StaleSession:
             self._stats.resumes["rejected"] += 1
             return None
@@ -780,6 +781,51 @@ class Hub:
             self._cluster.session_changed(session)
             for room in sorted(self._rooms.rooms_of(session)):
                 self._announce(room, "attach", session, conn.meta)
+
+    async def _after_resync(self) -> None:
+        """The backplane reconnected: messages from other workers may have been lost.
+        Drop the sessions that moved or ended meanwhile, save the live ones again,
+        and reload the rosters of the rooms open here."""
+        assert self._cluster is not None
+        try:
+            owners = await self._backplane.session_owners(
+                [session.id for session in self._sessions.all()])
+            me = self._backplane.worker
+            for session_id, owner in owners.items():
+                session = self._sessions.get(session_id)
+                if session is None:
+                    continue
+                if owner is None and session.connection is None:
+                    self._drop_local(session_id, "ended_elsewhere")
+                elif owner not in (None, "", me):
+                    self._drop_local(session_id, "moved")
+                elif session.connection is not None:
+                    self._cluster.session_changed(session)
+            for room in list(self._presence):
+                await self._reload_roster(room)
+        except Exception as exc:
+            log.warning("shared state: resync failed: %s", type(exc).__name__)
+
+    async def _reload_roster(self, room: str) -> None:
+        """Bring the mirror of `room` in line with the backplane's roster (other
+        workers' sessions only; this worker's own are known first-hand)."""
+        ops = await self._backplane.roster(room)
+        roster = self._presence.get(room)
+        if roster is None:
+            return
+        me = self._backplane.worker
+        remote = [op for op in ops if op.worker != me and not self._is_live_here(op.session)]
+        known = {op.session for op in remote}
+        for entry in roster.state():
+            for session_id in roster.sessions_of(entry.member):
+                if session_id not in known and self._sessions.get(session_id) is None:
+                    self._broadcast_presence(room, roster.remove(entry.member, session_id))
+        for op in remote:
+            self._apply_presence(op)
+
+    def _is_live_here(self, session_id: str) -> bool:
+        session = self._sessions.get(session_id)
+        return session is not None and session.connection is not None
 
     def _drop_local(self, session_id: str, why: str) -> None:
         """Another worker took the session over, or ended it: forget it here without
@@ -1072,3 +1118,8 @@ class _StateEvents:
 
     def reannounce(self) -> None:
         self._hub._reannounce()
+
+    def resynced(self) -> None:
+        hub = self._hub
+        if hub._tg is not None:
+            hub._tg.start_soon(hub._after_resync, name="wsroom shared state resync")

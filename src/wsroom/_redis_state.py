@@ -274,6 +274,14 @@ class RedisState:
         ordered.sort(key=lambda pair: pair[0])
         return [op for _, op in ordered]
 
+    async def session_owners(self, sessions: list[str]) -> dict[str, str | None]:
+        async with self._client.pipeline(transaction=False) as pipe:
+            for sid in sessions:
+                pipe.hget(f"{self._prefix}:sess:{sid}", "w")
+            owners = await pipe.execute() if sessions else []
+        return {sid: None if owner is None else str(owner)
+                for sid, owner in zip(sessions, owners, strict=True)}
+
     async def member_sessions(self, member: str) -> list[str]:
         found = await self._client.smembers(f"{self._prefix}:member:{member}")
         return sorted(str(sid) for sid in found)

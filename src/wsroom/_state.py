@@ -62,6 +62,7 @@ class CloseReason(str, Enum):
     OVER_CAPACITY = "over_capacity"
     IP_LIMIT = "ip_limit"
     IP_RATE = "ip_rate"
+    BACKPLANE_UNAVAILABLE = "backplane_unavailable"
     INTERNAL_ERROR = "internal_error"
     CANCELLED = "cancelled"
     APP = "app"
@@ -120,6 +121,9 @@ _DISPOSITIONS: dict[CloseReason, Disposition] = {
     CloseReason.IP_LIMIT: Disposition(CloseCode.CONNECTION_LIMIT, False, _DEBUG),
     CloseReason.IP_RATE: Disposition(CloseCode.CONNECTION_LIMIT, False, _DEBUG),
     CloseReason.HOOK_TIMEOUT: Disposition(CloseCode.TRY_AGAIN_LATER, True, _WARNING),
+    # The backplane (Redis) is down: come back later (to a worker whose is not).
+    CloseReason.BACKPLANE_UNAVAILABLE: Disposition(CloseCode.TRY_AGAIN_LATER, True,
+                                                   _WARNING),
     CloseReason.INTERNAL_ERROR: Disposition(CloseCode.INTERNAL_ERROR, True, _ERROR),
     CloseReason.APP: Disposition(CloseCode.NORMAL, True, _INFO),
 }

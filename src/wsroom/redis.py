@@ -532,11 +532,11 @@ class RedisBackplane(Backplane):
         except self._errors as exc:
             raise self._unavailable("saving a session", exc) from exc
 
-    async def claim_session(self, session: str, member: str, generation: int
-                            ) -> SessionRecord | None:
+    async def claim_session(self, session: str, member: str, generation: int,
+                            ttl: float) -> SessionRecord | None:
         try:
             return await self._shared_state().claim_session(session, member, generation,
-                                                            self._session_ttl)
+                                                            ttl)
         except self._errors as exc:
             raise self._unavailable("claiming a session", exc) from exc
 
@@ -574,6 +574,12 @@ class RedisBackplane(Backplane):
             raise self._unavailable("liveness refresh", exc) from exc
         if fresh and self._events is not None:
             self._events.reannounce()
+
+    async def session_owners(self, sessions: list[str]) -> dict[str, str | None]:
+        try:
+            return await self._shared_state().session_owners(sessions)
+        except self._errors as exc:
+            raise self._unavailable("session owners", exc) from exc
 
     async def member_sessions(self, member: str) -> list[str]:
         try:
@@ -793,6 +799,8 @@ class RedisBackplane(Backplane):
                 await self._drain(st)
             finally:
                 st.busy = False
+        if self._events is not None:
+            self._events.resynced()
 
     async def _touch(self) -> None:
         """Keep the meta of the open streams (their epoch) alive."""
