@@ -1,0 +1,221 @@
+"""Sessions and presence shared by two hubs over Redis, in one process (asyncio).
+
+Two `Hub`s on `RedisBackplane`s with one key prefix are two workers: a client resumes
+on the other worker with exact replay, rosters show the members of both, a session
+that moves is dropped by the worker it left, and a worker that stops refreshing is
+declared dead (its members away, not gone). The multi-process proof with real uvicorn
+workers and SIGKILL is tests/test_workers_e2e.py.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
+
+import anyio
+import pytest
+
+from support import MemoryTransport, Peer, wait_for
+from test_backplane_conformance import REDIS_URL, redis_or_skip
+from wsroom import Connection, Handshake, Hub, HubConfig, Identity
+
+pytestmark = pytest.mark.parametrize("anyio_backend", ["asyncio"])
+
+SECRETS = ["s" * 32]
+
+
+def make_hub(prefix: str) -> Hub:
+    from wsroom.redis import RedisBackplane
+
+    async def authenticate(handshake: Handshake) -> Identity:
+        name = str(handshake.auth["name"])
+        return Identity(id=name, info={"name": name})
+
+    hub = Hub(HubConfig(resume_secrets=SECRETS, ping_interval=5, pong_timeout=5,
+                        connect_rate_per_ip=None),
+              authenticate=authenticate,
+              backplane=RedisBackplane(REDIS_URL, prefix=prefix))
+
+    @hub.on_connect
+    async def join(conn: Connection) -> None:
+        await conn.join("table")
+
+    return hub
+
+
+TRANSPORTS: list[MemoryTransport] = []
+
+
+class Client:
+    """A client of one hub over an in-memory transport."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.peer: Peer | None = None
+
+    async def connect(self, hub: Hub, tg: anyio.abc.TaskGroup,
+                      resume: dict[str, Any] | None = None) -> Peer:
+        transport = MemoryTransport()
+        TRANSPORTS.append(transport)
+        peer = Peer(transport)
+        tg.start_soon(Connection(hub, transport)._run)
+        tg.start_soon(peer.pump)
+        hello: dict[str, Any] = {"type": "hello", "v": 1, "auth": {"name": self.name}}
+        if resume is not None:
+            hello.update(resume)
+        await transport.client_send(hello)
+        await wait_for(lambda: any(f["type"] == "welcome" for f in peer.frames))
+        self.peer = peer
+        return peer
+
+    def welcome(self) -> dict[str, Any]:
+        assert self.peer is not None
+        return next(f for f in self.peer.frames if f["type"] == "welcome")
+
+    def msgs(self) -> list[dict[str, Any]]:
+        assert self.peer is not None
+        return [f for f in self.peer.frames if f["type"] == "msg" and f["stream"] == "table"]
+
+    def roster(self) -> dict[str, str]:
+        """The room's roster as this client knows it: member -> status."""
+        assert self.peer is not None
+        roster: dict[str, str] = {}
+        for frame in self.peer.frames:
+            if frame["type"] != "presence" or frame["room"] != "table":
+                continue
+            if "state" in frame:
+                roster = {e["id"]: e["status"] for e in frame["state"]}
+            for entry in frame.get("joins", ()):
+                roster[entry["id"]] = entry["status"]
+            for member in frame.get("leaves", ()):
+                roster.pop(member, None)
+        return roster
+
+    def left(self) -> list[str]:
+        assert self.peer is not None
+        return [m for f in self.peer.frames if f["type"] == "presence"
+                for m in f.get("leaves", ())]
+
+    def resume(self) -> dict[str, Any]:
+        welcome = self.welcome()
+        last = self.msgs()[-1]["offset"] if self.msgs() else welcome["streams"]["table"][
+            "offset"]
+        inbox = welcome["streams"]["@inbox"]
+        return {"resume": welcome["resume"], "streams": {
+            "table": {"epoch": welcome["streams"]["table"]["epoch"], "offset": last},
+            "@inbox": {"epoch": inbox["epoch"], "offset": inbox["offset"]}}}
+
+
+@asynccontextmanager
+async def two_workers() -> AsyncIterator[tuple[Hub, Hub, anyio.abc.TaskGroup]]:
+    redis_or_skip()
+    import redis.asyncio as aioredis
+
+    prefix = f"wsroom-test-{secrets.token_hex(4)}"
+    a, b = make_hub(prefix), make_hub(prefix)
+    try:
+        async with AsyncExitStack() as stack:
+            await stack.enter_async_context(a.run())
+            await stack.enter_async_context(b.run())
+            tg = await stack.enter_async_context(anyio.create_task_group())
+            yield a, b, tg
+            tg.cancel_scope.cancel()
+    finally:
+        for transport in TRANSPORTS:
+            transport.close_streams()
+        TRANSPORTS.clear()
+        client = aioredis.Redis.from_url(REDIS_URL)
+        keys = [key async for key in client.scan_iter(match=f"{prefix}*")]
+        if keys:
+            await client.delete(*keys)
+        await client.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_client_resumes_on_the_other_worker_with_exact_replay() -> None:
+    async with two_workers() as (a, b, tg):
+        ann, bob = Client("ann"), Client("bob")
+        await ann.connect(a, tg)
+        await bob.connect(b, tg)
+        # Each sees the other online, whichever worker holds whom.
+        await wait_for(lambda: ann.roster() == {"ann": "online", "bob": "online"})
+        await wait_for(lambda: bob.roster() == {"ann": "online", "bob": "online"})
+        for n in range(5):
+            await (a if n % 2 else b).publish("table", "n", n)
+        await wait_for(lambda: len(ann.msgs()) == 5 and len(bob.msgs()) == 5)
+        assert [m["offset"] for m in ann.msgs()] == [m["offset"] for m in bob.msgs()]
+
+        # Ann's connection to A is lost; she is away for Bob, never gone.
+        resume = ann.resume()
+        assert ann.peer is not None
+        await ann.peer.transport.client_disconnect(1006)
+        await wait_for(lambda: bob.roster().get("ann") == "away")
+        for n in range(5, 10):
+            await b.publish("table", "n", n)
+
+        # She comes back on B: the session moves, the missed messages are replayed.
+        again = Client("ann")
+        await again.connect(b, tg, resume=resume)
+        welcome = again.welcome()
+        assert welcome["session"] == ann.welcome()["session"]
+        assert welcome["streams"]["table"]["recovered"] is True
+        await wait_for(lambda: len(again.msgs()) == 5)
+        assert [m["data"] for m in again.msgs()] == [5, 6, 7, 8, 9]
+        await wait_for(lambda: bob.roster().get("ann") == "online")
+        assert "ann" not in bob.left()
+        await wait_for(lambda: a.stats().sessions == 0)  # A forgot the moved session
+        assert b.stats().sessions == 2
+        assert b.stats().resumes.get("recovered") == 1
+
+
+@pytest.mark.anyio
+async def test_send_to_reaches_a_member_on_the_other_worker() -> None:
+    async with two_workers() as (a, b, tg):
+        ann = Client("ann")
+        await ann.connect(a, tg)
+        assert await b.send_to("ann", "whisper", "psst") == 1
+        assert ann.peer is not None
+        await wait_for(lambda: any(f["type"] == "msg" and f["stream"] == "@inbox"
+                                   for f in ann.peer.frames))
+
+
+@pytest.mark.anyio
+async def test_a_session_that_ends_leaves_every_roster_once() -> None:
+    async with two_workers() as (a, b, tg):
+        ann, bob = Client("ann"), Client("bob")
+        await ann.connect(a, tg)
+        await bob.connect(b, tg)
+        await wait_for(lambda: bob.roster() == {"ann": "online", "bob": "online"})
+        assert ann.peer is not None
+        await ann.peer.transport.client_disconnect(1000)  # goodbye: the session ends
+        await wait_for(lambda: bob.roster() == {"bob": "online"})
+        assert bob.left() == ["ann"]
+        await wait_for(lambda: a.stats().sessions == 0)
+
+
+@pytest.mark.anyio
+async def test_a_worker_that_stops_refreshing_is_dead_its_members_away_not_gone() -> None:
+    async with two_workers() as (a, b, tg):
+        ann, bob = Client("ann"), Client("bob")
+        await ann.connect(a, tg)
+        await bob.connect(b, tg)
+        await wait_for(lambda: bob.roster() == {"ann": "online", "bob": "online"})
+        resume = ann.resume()
+
+        async def silent(*args: Any) -> None:
+            """A worker frozen or killed: it refreshes no more."""
+
+        a._backplane.refresh = silent  # type: ignore[method-assign]
+        b._backplane._state.dead_after_ms = 600  # type: ignore[attr-defined]
+        await wait_for(lambda: bob.roster().get("ann") == "away", timeout=10)
+        await b.publish("table", "n", "while ann's worker was dead")
+
+        again = Client("ann")
+        await again.connect(b, tg, resume=resume)
+        assert again.welcome()["streams"]["table"]["recovered"] is True
+        await wait_for(lambda: [m["data"] for m in again.msgs()] == [
+            "while ann's worker was dead"])
+        await wait_for(lambda: bob.roster().get("ann") == "online")
+        assert bob.left() == []
