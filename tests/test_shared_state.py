@@ -219,3 +219,19 @@ async def test_a_worker_that_stops_refreshing_is_dead_its_members_away_not_gone(
             "while ann's worker was dead"])
         await wait_for(lambda: bob.roster().get("ann") == "online")
         assert bob.left() == []
+
+
+@pytest.mark.anyio
+async def test_disconnect_ends_a_member_on_the_other_worker() -> None:
+    """A kick on one worker reaches the member wherever it is connected."""
+    async with two_workers() as (a, b, tg):
+        ann, bob = Client("ann"), Client("bob")
+        await ann.connect(a, tg)
+        await bob.connect(b, tg)
+        await wait_for(lambda: bob.roster() == {"ann": "online", "bob": "online"})
+        assert await b.disconnect("ann", 4501, "kicked") == 1
+        assert ann.peer is not None
+        assert await ann.peer.wait_closed() == 4501
+        await wait_for(lambda: bob.roster() == {"bob": "online"})
+        await wait_for(lambda: a.stats().sessions == 0)
+        assert bob.left() == ["ann"]

@@ -129,6 +129,10 @@ class StateEvents(Protocol):
     def session_ended(self, session: str) -> None:
         """The session ended elsewhere (expired, or its worker died long ago)."""
 
+    def disconnect(self, session: str, code: int, reason: str) -> None:
+        """Another worker's `Hub.disconnect` names a session held here: close its
+        connection with `code` and end it."""
+
     def resynced(self) -> None:
         """The backplane reconnected: what other workers said meanwhile may be lost
         (reload rosters, check who holds this worker's sessions now)."""
@@ -214,6 +218,12 @@ class Backplane(ABC):
     async def session_owners(self, sessions: list[str]) -> dict[str, str | None]:
         """Which worker holds each session now: its id, ``""`` while detached, None
         if the session no longer exists."""
+        raise NotImplementedError
+
+    async def disconnect_sessions(self, sessions: list[str], code: int, reason: str
+                                  ) -> int:
+        """End `sessions` (held by other workers, or detached): their workers close
+        their connections with `code`; return how many existed."""
         raise NotImplementedError
 
     async def member_sessions(self, member: str) -> list[str]:

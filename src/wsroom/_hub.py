@@ -412,15 +412,36 @@ class Hub:
         """
         check_close(code, reason)
         sessions = self._sessions.of_member(member)
-        ended = []
+        elsewhere = 0
+        if self._cluster is not None:  # the member's sessions on other workers
+            local = {session.id for session in sessions}
+            elsewhere = await self._backplane.disconnect_sessions(
+                [sid for sid in await self._backplane.member_sessions(member)
+                 if sid not in local], code, reason)
+        ended: list[tuple[HubSession, list[str]]] = []
         for session in sessions:
-            if session.connection is not None:
-                session.connection._request_close(CloseReason.APP, code, reason)
-            ended.append((session, self._forget_session(session, "disconnected")))
+            self._end_now(session, code, reason, ended)
         for session, rooms in ended:
             await self._close_streams(session, rooms)
         await anyio.lowlevel.checkpoint()
-        return len(sessions)
+        return len(sessions) + elsewhere
+
+    def _end_now(self, session: HubSession, code: int, reason: str,
+                 ended: list[tuple[HubSession, list[str]]]) -> None:
+        if session.connection is not None:
+            session.connection._request_close(CloseReason.APP, code, reason)
+        ended.append((session, self._forget_session(session, "disconnected")))
+
+    def _disconnect_here(self, session_id: str, code: int, reason: str) -> None:
+        """Another worker's `disconnect` names a session held here."""
+        session = self._sessions.get(session_id)
+        if session is None:
+            return
+        ended: list[tuple[HubSession, list[str]]] = []
+        self._end_now(session, code, reason, ended)
+        if self._tg is not None:
+            for ended_session, rooms in ended:
+                self._tg.start_soon(self._close_streams, ended_session, rooms)
 
     def _payload(self, event: str, data: Any, stream: str) -> str:
         payload = msg_payload(event, data)
@@ -1118,6 +1139,9 @@ class _StateEvents:
 
     def reannounce(self) -> None:
         self._hub._reannounce()
+
+    def disconnect(self, session: str, code: int, reason: str) -> None:
+        self._hub._disconnect_here(session, code, reason)
 
     def resynced(self) -> None:
         hub = self._hub

@@ -122,6 +122,26 @@ _END = _END_BODY + """
 return finish(ARGV[1], ARGV[2], false)
 """
 
+# Hub.disconnect of sessions held elsewhere: a live one is ended by its worker (told
+# here); a detached one is ended at once.
+_DISCONNECT = _END_BODY + """
+local P, code, reason, count = ARGV[1], ARGV[2], ARGV[3], 0
+for i = 4, #ARGV do
+  local sid = ARGV[i]
+  local w = redis.call('HGET', P .. ':sess:' .. sid, 'w')
+  if w then
+    count = count + 1
+    if w ~= '' then
+      redis.call('PUBLISH', P .. ':w:' .. w,
+                 'disconnect\\n' .. sid .. '\\n' .. code .. '\\n' .. reason)
+    else
+      finish(P, sid, true)
+    end
+  end
+end
+return count
+"""
+
 _ANNOUNCE = """
 local P, room, sid, kind, op = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local pk = P .. ':pres:' .. room
@@ -223,6 +243,7 @@ class RedisState:
         self._end = client.register_script(_END)
         self._announce = client.register_script(_ANNOUNCE)
         self._refresh = client.register_script(_REFRESH)
+        self._disconnect = client.register_script(_DISCONNECT)
         self.window_ms = 120_000
         """The resume window (set by the hub's config through the backplane)."""
         self.dead_after_ms = 3_000
@@ -282,6 +303,12 @@ class RedisState:
         return {sid: None if owner is None else str(owner)
                 for sid, owner in zip(sessions, owners, strict=True)}
 
+    async def disconnect_sessions(self, sessions: list[str], code: int, reason: str
+                                  ) -> int:
+        if not sessions:
+            return 0
+        return int(await self._disconnect(args=[self._prefix, code, reason, *sessions]))
+
     async def member_sessions(self, member: str) -> list[str]:
         found = await self._client.smembers(f"{self._prefix}:member:{member}")
         return sorted(str(sid) for sid in found)
@@ -300,10 +327,16 @@ class RedisState:
         return bool(fresh)
 
 
-def parse_control(data: str) -> tuple[str, str] | None:
-    """``(verb, session id)`` of a control message (None if malformed)."""
-    verb, _, session = data.partition("\n")
-    if verb in ("moved", "ended") and session:
-        return verb, session
+def parse_control(data: str) -> tuple[str, str, int, str] | None:
+    """``(verb, session id, code, reason)`` of a control message (code and reason:
+    ``disconnect`` only); None if malformed."""
+    verb, _, rest = data.partition("\n")
+    if verb in ("moved", "ended") and rest:
+        return verb, rest, 0, ""
+    if verb == "disconnect":
+        session, _, rest = rest.partition("\n")
+        code, _, reason = rest.partition("\n")
+        if session and code.isdigit():
+            return verb, session, int(code), reason
     return None
 

@@ -581,6 +581,13 @@ class RedisBackplane(Backplane):
         except self._errors as exc:
             raise self._unavailable("session owners", exc) from exc
 
+    async def disconnect_sessions(self, sessions: list[str], code: int, reason: str
+                                  ) -> int:
+        try:
+            return await self._shared_state().disconnect_sessions(sessions, code, reason)
+        except self._errors as exc:
+            raise self._unavailable("disconnecting sessions", exc) from exc
+
     async def member_sessions(self, member: str) -> list[str]:
         try:
             return await self._shared_state().member_sessions(member)
@@ -591,11 +598,13 @@ class RedisBackplane(Backplane):
         parsed = parse_control(data)
         if parsed is None or self._events is None:
             return
-        verb, session = parsed
+        verb, session, code, reason = parsed
         if verb == "moved":
             self._events.session_moved(session)
-        else:
+        elif verb == "ended":
             self._events.session_ended(session)
+        else:
+            self._events.disconnect(session, code, reason)
 
     def _on_presence(self, data: str) -> None:
         op = parse_op(data[len(PRESENCE_TAG):])
