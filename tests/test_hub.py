@@ -714,3 +714,14 @@ async def test_disconnect_ends_every_session_of_a_member() -> None:
     assert [m["data"] for m in of_type(peers[1], "msg")] == ["before the kick"]
     leaves = [f for f in of_type(peers[2], "presence") if "sam" in f.get("leaves", [])]
     assert len(leaves) == 1
+
+
+async def test_the_readiness_endpoint_follows_the_hub_and_its_backplane() -> None:
+    from starlette.requests import Request
+
+    hub = Hub()
+    request = Request({"type": "http", "method": "GET", "path": "/ready", "headers": []})
+    assert (await hub.readiness(request)).status_code == 503  # not running yet
+    async with hub.run():
+        assert (await hub.readiness(request)).status_code == 200
+    assert (await hub.readiness(request)).status_code == 503

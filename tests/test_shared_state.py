@@ -235,3 +235,17 @@ async def test_disconnect_ends_a_member_on_the_other_worker() -> None:
         await wait_for(lambda: bob.roster() == {"bob": "online"})
         await wait_for(lambda: a.stats().sessions == 0)
         assert bob.left() == ["ann"]
+
+
+@pytest.mark.anyio
+async def test_backplane_events_are_metrics() -> None:
+    from wsroom.metrics import HubCollector
+
+    async with two_workers() as (a, _, _tg):
+        a._backplane.stats["reconnects"] += 1  # type: ignore[attr-defined]
+        families = {f.name: f for f in HubCollector(a).collect()}
+        samples = {s.labels["event"]: s.value
+                   for s in families["wsroom_backplane_events"].samples}
+        assert samples["reconnects"] == 1
+        assert samples["lost"] == 0
+        assert [s.value for s in families["wsroom_backplane_up"].samples] == [1]

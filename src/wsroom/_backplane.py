@@ -236,6 +236,11 @@ class Backplane(ABC):
         room may have members elsewhere even when it has none here)."""
         return False
 
+    def counters(self) -> Mapping[str, int]:
+        """Event counts for metrics (``wsroom_backplane_events_total``), e.g.
+        reconnects; none in memory."""
+        return {}
+
     @property
     def healthy(self) -> bool:
         """False while the backplane cannot publish or deliver (a lost connection to

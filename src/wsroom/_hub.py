@@ -39,6 +39,8 @@ from typing import Any, Literal, TypeVar
 
 import anyio
 from anyio.abc import TaskGroup
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
@@ -925,6 +927,13 @@ class Hub:
         """True while the hub runs and its backplane can publish and deliver: a
         readiness probe (a load balancer sends new clients elsewhere while False)."""
         return self._phase is _Phase.RUNNING and self._backplane.healthy
+
+    async def readiness(self, request: Request) -> Response:
+        """A Starlette endpoint for the load balancer's readiness probe: 200 while
+        `ready`, else 503. ``Route("/ready", hub.readiness)``."""
+        ready = self.ready
+        return PlainTextResponse("ready\n" if ready else "not ready\n",
+                                 status_code=200 if ready else 503)
 
     async def _join(self, conn: Connection, room: str) -> None:
         _check_room_name(room)

@@ -206,6 +206,11 @@ class HubCollector:
         yield gauge("wsroom_backplane_up",
                     "1 while the backplane can publish and deliver, else 0.",
                     1 if hub._backplane.healthy else 0)
+        yield labelled(
+            CounterMetricFamily("wsroom_backplane_events", "Backplane events (Redis: "
+                                "reconnects, caught_up, lost, publish_errors).",
+                                labels=[*names, "event"]),
+            (((event,), count) for event, count in hub._backplane.counters().items()))
 
 
 class _Merged:

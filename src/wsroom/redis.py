@@ -238,6 +238,9 @@ class RedisBackplane(Backplane):
         """Counters: subscriber reconnects, gaps caught up from history, streams
         reported lost, publishes that failed."""
 
+    def counters(self) -> dict[str, int]:
+        return dict(self.stats)
+
     # ------------------------------------------------------------------ lifecycle
 
     @property
