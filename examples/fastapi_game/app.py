@@ -39,6 +39,7 @@ from starlette.routing import Route
 
 import wsroom
 from wsroom import (
+    Backplane,
     ClientError,
     Connection,
     Handshake,
@@ -424,9 +425,11 @@ async def kick(ctx: MessageContext, data: Kick) -> dict[str, Any]:
     return event
 
 
-def create_hub(db: Database, config: HubConfig | None = None) -> Hub:
+def create_hub(db: Database, config: HubConfig | None = None,
+               backplane: Backplane | None = None) -> Hub:
     hub = Hub(
         config,
+        backplane=backplane,
         authenticate=partial(authenticate, db),
         message_scope=lambda ctx: db.session(),  # a new DB session for every message
         snapshot=partial(snapshot, db),
@@ -469,19 +472,35 @@ def config_from_env() -> HubConfig:
                      trusted_proxies=listed("GAME_TRUSTED_PROXIES"))
 
 
-def create_app(database_url: str | None = None, *, hub_config: HubConfig | None = None
-               ) -> FastAPI:
+def backplane_from_env() -> Backplane | None:
+    """GAME_REDIS_URL (e.g. ``redis://127.0.0.1:6379/0``): run on Redis, so that several
+    workers (``uvicorn --workers 4``) serve one game; GAME_RESUME_SECRETS is then
+    required. Unset: one process, in memory."""
+    url = os.environ.get("GAME_REDIS_URL", "").strip()
+    if not url:
+        return None
+    from wsroom.redis import RedisBackplane
+
+    return RedisBackplane(url, prefix="wsroom-game")
+
+
+def create_app(database_url: str | None = None, *, hub_config: HubConfig | None = None,
+               backplane: Backplane | None = None) -> FastAPI:
     """The app on `database_url` (default: GAME_DATABASE_URL, else ./game.db), with
-    `hub_config` (default: `config_from_env`)."""
+    `hub_config` (default: `config_from_env`) and `backplane` (default:
+    `backplane_from_env`)."""
     db = Database(database_url or url_from_env())
     hub_config = hub_config if hub_config is not None else config_from_env()
     app = FastAPI(title="wsroom game table", lifespan=lifespan)
     app.state.db = db
-    app.state.hub = hub = create_hub(db, hub_config)
+    if backplane is None:
+        backplane = backplane_from_env()
+    app.state.hub = hub = create_hub(db, hub_config, backplane)
     app.include_router(api)
     app.add_api_websocket_route("/ws", hub.endpoint)
     # Prometheus metrics (restrict this path to your monitoring in the proxy).
     app.router.routes.append(Route("/metrics", metrics_app(hub)))
+    app.router.routes.append(Route("/ready", hub.readiness))  # the load balancer's probe
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
