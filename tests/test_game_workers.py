@@ -18,7 +18,6 @@ from test_game_api import Table, load_game
 from test_game_ws import event_is, msg_where, next_message, room, seats
 from wsroom import HubConfig
 
-
 pytestmark = pytest.mark.anyio
 
 
