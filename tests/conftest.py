@@ -12,3 +12,11 @@ settings.load_profile("wsroom")
 def anyio_backend(request: pytest.FixtureRequest) -> str:
     """Every async test runs on asyncio and on trio (AnyIO's own pytest plugin)."""
     return str(request.param)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The fault-injection suite's table of measured bounds (tests/test_faults.py), if
+    it recorded any rows."""
+    from netns import REPORT
+
+    REPORT.write(terminalreporter)
