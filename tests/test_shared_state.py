@@ -249,3 +249,31 @@ async def test_backplane_events_are_metrics() -> None:
         assert samples["reconnects"] == 1
         assert samples["lost"] == 0
         assert [s.value for s in families["wsroom_backplane_up"].samples] == [1]
+
+
+@pytest.mark.anyio
+async def test_late_words_from_the_worker_a_session_left_are_ignored() -> None:
+    """A worker that has not yet heard that its session moved may still expire it or
+    announce its departure: neither touches the session now held elsewhere."""
+    from wsroom._backplane import PresenceOp
+
+    async with two_workers() as (a, b, tg):
+        ann, bob = Client("ann"), Client("bob")
+        await ann.connect(a, tg)
+        await bob.connect(b, tg)
+        session = ann.welcome()["session"]
+        resume = ann.resume()
+        assert ann.peer is not None
+        await ann.peer.transport.client_disconnect(1006)
+        again = Client("ann")
+        await again.connect(b, tg, resume=resume)
+        await wait_for(lambda: bob.roster().get("ann") == "online")
+        late = a._backplane
+        await late.announce(PresenceOp("table", "remove", "ann", session, worker=late.worker))
+        await late.end_session(session)
+        owners = await b._backplane.session_owners([session])
+        assert owners == {session: b._backplane.worker}
+        await b.publish("table", "n", "after the late words")
+        await wait_for(lambda: any(m["data"] == "after the late words" for m in bob.msgs()))
+        assert bob.roster().get("ann") == "online"
+        assert bob.left() == []

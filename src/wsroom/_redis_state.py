@@ -118,7 +118,11 @@ local function finish(P, sid, tell)
 end
 """
 
+# Ending one's own session: not if another worker has claimed it meanwhile (a resume
+# there raced this worker's expiry or goodbye).
 _END = _END_BODY + """
+local w = redis.call('HGET', ARGV[1] .. ':sess:' .. ARGV[2], 'w')
+if w and w ~= '' and w ~= ARGV[3] then return 0 end
 return finish(ARGV[1], ARGV[2], false)
 """
 
@@ -145,10 +149,16 @@ return count
 _ANNOUNCE = """
 local P, room, sid, kind, op = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local pk = P .. ':pres:' .. room
+local old = redis.call('HGET', pk, sid)
+if old and kind ~= 'attach' then
+  -- A word from a worker that no longer holds the session (it moved) is stale.
+  local ok, entry = pcall(cjson.decode, string.match(old, '^%d+\\n(.*)$') or '{}')
+  local me = cjson.decode(op).w
+  if ok and entry.w and entry.w ~= '' and entry.w ~= me then return 0 end
+end
 if kind == 'remove' then
   if redis.call('HDEL', pk, sid) == 0 then return 0 end
 else
-  local old = redis.call('HGET', pk, sid)
   local n = old and string.match(old, '^(%d+)') or redis.call('INCR', P .. ':seq')
   redis.call('HSET', pk, sid, n .. '\\n' .. op)
 end
@@ -278,7 +288,7 @@ class RedisState:
                                  int(window * 1000) + 60_000])
 
     async def end_session(self, session: str) -> None:
-        await self._end(args=[self._prefix, session])
+        await self._end(args=[self._prefix, session, self.worker])
 
     async def announce(self, op: PresenceOp) -> None:
         await self._announce(args=[self._prefix, op.room, op.session, op.kind,
