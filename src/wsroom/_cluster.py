@@ -8,9 +8,9 @@ changes (welcome, confirm, rooms), detached when its client drops, ended when it
 roster changes are announced as `PresenceOp`s. The other workers apply them to their
 mirrors (`Hub._remote_presence`). Every `refresh_interval` the outbox also tells the
 backplane that this worker is alive and still holds its live sessions; a worker that
-stops doing so (SIGKILL) is declared dead by the others after its records' TTL: its
-members turn *away*, and end when their resume window passes unless they resume
-elsewhere.
+stops doing so (SIGKILL) is declared dead by the others (`RedisBackplane`'s
+``worker_timeout``, 3 s): its members turn *away*, and end when their resume window
+passes unless they resume elsewhere.
 
 The outbox keeps the order of changes and retries (with backoff) while the backplane
 is unavailable, so a short Redis outage delays announcements but loses none. It is

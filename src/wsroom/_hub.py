@@ -411,20 +411,22 @@ class Hub:
 
         Raises:
             ValueError: if `code` or `reason` may not be sent in a close frame.
+            BackplaneUnavailable: with a shared backplane that is down, after ending
+                the member's sessions on this worker (not on the others).
         """
         check_close(code, reason)
         sessions = self._sessions.of_member(member)
+        ended: list[tuple[HubSession, list[str]]] = []
+        for session in sessions:  # here first: even with the backplane down
+            self._end_now(session, code, reason, ended)
+        for session, rooms in ended:
+            await self._close_streams(session, rooms)
         elsewhere = 0
-        if self._cluster is not None:  # the member's sessions on other workers
+        if self._cluster is not None:  # then the member's sessions on other workers
             local = {session.id for session in sessions}
             elsewhere = await self._backplane.disconnect_sessions(
                 [sid for sid in await self._backplane.member_sessions(member)
                  if sid not in local], code, reason)
-        ended: list[tuple[HubSession, list[str]]] = []
-        for session in sessions:
-            self._end_now(session, code, reason, ended)
-        for session, rooms in ended:
-            await self._close_streams(session, rooms)
         await anyio.lowlevel.checkpoint()
         return len(sessions) + elsewhere
 
@@ -831,19 +833,27 @@ class Hub:
 
     async def _reload_roster(self, room: str) -> None:
         """Bring the mirror of `room` in line with the backplane's roster (other
-        workers' sessions only; this worker's own are known first-hand)."""
-        ops = await self._backplane.roster(room)
+        workers' sessions only; this worker's own are known first-hand). Changes
+        announced while the roster is read are applied after it, as on a first load."""
+        if room in self._roster_loading:
+            return
+        buffered: list[PresenceOp] = []
+        self._roster_loading[room] = buffered
+        try:
+            ops = await self._backplane.roster(room)
+        finally:
+            self._roster_loading.pop(room, None)
         roster = self._presence.get(room)
         if roster is None:
             return
         me = self._backplane.worker
         remote = [op for op in ops if op.worker != me and not self._is_live_here(op.session)]
-        known = {op.session for op in remote}
+        known = {op.session for op in remote} | {op.session for op in buffered}
         for entry in roster.state():
             for session_id in roster.sessions_of(entry.member):
                 if session_id not in known and self._sessions.get(session_id) is None:
                     self._broadcast_presence(room, roster.remove(entry.member, session_id))
-        for op in remote:
+        for op in (*remote, *buffered):
             self._apply_presence(op)
 
     def _is_live_here(self, session_id: str) -> bool:

@@ -57,12 +57,13 @@ return 1
 
 # The claim: the record must exist for this member; the generation presented must be
 # one it accepts, or newer than it (the record may lag a welcome by milliseconds; only
-# a server mints tokens). The previous holder, if another worker, is told.
+# a server mints tokens). The previous holder (live or detached there), if another
+# worker, is told.
 _CLAIM = """
 local P, sid, member, gen, me, ttl = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]),
   ARGV[5], ARGV[6]
 local k = P .. ':sess:' .. sid
-local f = redis.call('HMGET', k, 'm', 'g', 'a', 'r', 'i', 'w')
+local f = redis.call('HMGET', k, 'm', 'g', 'a', 'r', 'i', 'w', 'o')
 if not f[1] or f[1] ~= member then return false end
 local ok = gen > tonumber(f[2])
 for g in string.gmatch(f[3], '%d+') do
@@ -73,7 +74,9 @@ redis.call('HSET', k, 'w', me, 'o', me)
 redis.call('PEXPIRE', k, ttl)
 redis.call('ZREM', P .. ':detached', sid)
 redis.call('SADD', P .. ':wsess:' .. me, sid)
+-- The worker that held it: live there, or detached there and still kept in memory.
 local old = f[6]
+if not old or old == '' then old = f[7] end
 if old and old ~= '' and old ~= me then
   redis.call('SREM', P .. ':wsess:' .. old, sid)
   redis.call('PUBLISH', P .. ':w:' .. old, 'moved\\n' .. sid)

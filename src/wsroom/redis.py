@@ -192,6 +192,10 @@ class RedisBackplane(Backplane):
             connection is taken for dead (a half-open socket) and replaced.
         max_connections: connections of the command pool (publishes and reads wait
             for a free one).
+        worker_timeout: seconds without a liveness refresh (the hub refreshes every
+            second) after which the other workers declare this one dead: its members
+            turn *away*, and their sessions end after the resume window unless their
+            clients resume on another worker.
 
     Raises:
         ImportError: if redis-py is not installed (``pip install 'wsroom[redis]'``).
@@ -199,11 +203,14 @@ class RedisBackplane(Backplane):
 
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", *, prefix: str = "wsroom",
                  meta_ttl: float = 86400, ping_interval: float = 1.0,
-                 ping_timeout: float = 3.0, max_connections: int = 32) -> None:
+                 ping_timeout: float = 3.0, max_connections: int = 32,
+                 worker_timeout: float = 3.0) -> None:
         self._redis_module = _import_redis()
-        if meta_ttl <= 0 or ping_interval <= 0 or ping_timeout <= 0 or max_connections < 1:
-            raise ValueError("meta_ttl, ping_interval, ping_timeout and max_connections "
-                             "must be positive")
+        if (meta_ttl <= 0 or ping_interval <= 0 or ping_timeout <= 0 or max_connections < 1
+                or worker_timeout <= 0):
+            raise ValueError("meta_ttl, ping_interval, ping_timeout, max_connections and "
+                             "worker_timeout must be positive")
+        self._worker_timeout = worker_timeout
         self._url = url
         self._prefix = prefix
         self._meta_ttl = max(1, math.ceil(meta_ttl))
@@ -277,13 +284,15 @@ class RedisBackplane(Backplane):
         pool = module.asyncio.BlockingConnectionPool.from_url(
             self._url, max_connections=self._max_connections, timeout=2,
             socket_timeout=2, socket_connect_timeout=1, retry=retry,
-            decode_responses=True, health_check_interval=0)
+            decode_responses=True, health_check_interval=0, protocol=2)
         self._client = module.asyncio.Redis(connection_pool=pool)
-        # The subscriber: its own connection, checked by our PINGs.
+        # The subscriber: its own connection, checked by our PINGs. RESP2: under RESP3
+        # (redis-py 8's default) a PING's answer on a subscribed connection is not
+        # reported as a pong, and the connection would be taken for dead every time.
         self._sub = module.asyncio.Redis.from_url(
             self._url, socket_timeout=self._ping_timeout,
             socket_connect_timeout=self._ping_timeout, retry=retry, decode_responses=True,
-            health_check_interval=0)
+            health_check_interval=0, protocol=2)
         client = self._client
         assert client is not None
         self._publish_script = client.register_script(_PUBLISH)
@@ -291,6 +300,7 @@ class RedisBackplane(Backplane):
         self._since_script = client.register_script(_SINCE)
         self._state = RedisState(client, self._prefix, self.worker,
                                  lambda: int(time.time() * 1000))
+        self._state.dead_after_ms = max(1, int(self._worker_timeout * 1000))
         self._changed = anyio.Event()
         self._first_try = anyio.Event()
         task_group.start_soon(self._run_reader, name="wsroom redis subscriber")
