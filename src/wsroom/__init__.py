@@ -3,7 +3,15 @@
 The public API is what this module exports; everything in ``wsroom._*`` is private.
 """
 
-from ._backplane import Backplane, Envelope, MemoryBackplane
+from ._backplane import (
+    Backplane,
+    Envelope,
+    MemoryBackplane,
+    PresenceOp,
+    SessionRecord,
+    StaleSession,
+    StateEvents,
+)
 from ._codes import CloseCode, ErrorCode, should_reconnect
 from ._config import HubConfig, RoomConfig
 from ._connection import Connection, Identity
@@ -44,11 +52,15 @@ __all__ = (
     "MemoryBackplane",
     "MessageTooLarge",
     "Policy",
+    "PresenceOp",
     "PresenceEntry",
     "PresenceStatus",
     "Recovery",
     "Reject",
     "RoomConfig",
+    "SessionRecord",
+    "StaleSession",
+    "StateEvents",
     "WsroomError",
     "should_reconnect",
     "static_files",
