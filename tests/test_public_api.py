@@ -23,13 +23,17 @@ def test_the_api_reference_documents_exactly_the_exports() -> None:
 
 def test_the_public_submodules() -> None:
     import wsroom.client
+    import wsroom.loadtest
     import wsroom.metrics
     import wsroom.redis
     import wsroom.testing
 
     public_modules = {name for name in dir(wsroom) if not name.startswith("_")
                       and type(getattr(wsroom, name)).__name__ == "module"}
-    assert public_modules == {"client", "metrics", "redis", "testing"}
+    assert public_modules == {"client", "loadtest", "metrics", "redis", "testing"}
+    assert set(wsroom.loadtest.__all__) == {"Histogram", "Options", "SetupError",
+                                            "format_report", "main", "parse_args",
+                                            "report", "run"}
     assert set(wsroom.metrics.__all__) == {"HubCollector", "metrics_app"}
     assert set(wsroom.client.__all__) == {"Client", "ClientClosed", "Message",
                                           "RequestError", "Snapshot", "backoff_delay"}

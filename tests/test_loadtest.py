@@ -1,0 +1,176 @@
+"""The load-test CLI (wsroom.loadtest): smoke runs against real servers (a small hub and
+the example game), argument errors. No timing assertions: only what must hold on any
+machine (no gap, deliveries, resumes recorded with their results)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import anyio
+import pytest
+
+from support import hub_app, serve
+from wsroom import Connection, Hub, MessageContext
+from wsroom.loadtest import Histogram, main
+
+GAME_DIR = Path(__file__).parents[1] / "examples" / "fastapi_game"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    # The CLI runs its own event loop (asyncio) in a thread; the server runs here.
+    return "asyncio"
+
+
+def load_game() -> ModuleType:
+    sys.path.insert(0, str(GAME_DIR))
+    try:
+        import app as game
+    finally:
+        sys.path.remove(str(GAME_DIR))
+    return game
+
+
+def say_hub() -> Hub:
+    """Everyone in one room; ``say`` is broadcast to it as ``said``."""
+    hub = Hub()
+
+    @hub.on_connect
+    async def joined(conn: Connection) -> None:
+        await conn.join("lobby")
+
+    @hub.on("say")
+    async def say(ctx: MessageContext, data: Any) -> None:
+        await ctx.publish("lobby", "said", data)
+
+    return hub
+
+
+async def run_cli(argv: list[str]) -> int:
+    return await anyio.to_thread.run_sync(main, argv)
+
+
+def check_report(report: dict[str, Any], clients: int) -> None:
+    assert report["gaps"] == 0, report
+    assert report["holes"] == report["duplicates"] == 0
+    assert report["sent"] > 0
+    assert report["deliveries"] > 0
+    # Everyone is in the room: a message comes back to (about) every client.
+    assert report["deliveries"] > report["sent"]
+    assert report["ever_connected"] == clients
+    latency = report["latency_ms"]
+    assert set(latency) == {"count", "mean", "p50", "p95", "p99", "max"}
+    assert latency["count"] > 0
+    assert 0 <= latency["p50"] <= latency["p95"] <= latency["p99"] <= latency["max"]
+    resumes = report["resumes"]
+    assert report["drops"] > 0  # 20 clients, 0.2 drops/s each, 2 s
+    assert resumes["total"] > 0
+    assert resumes["total"] == (resumes["recovered"] + resumes["not_recovered"]
+                                + resumes["new_session"])
+    assert report["errors"]["total"] == 0, report["errors"]
+    assert report["passed"] is True
+
+
+@pytest.mark.anyio
+@pytest.mark.e2e
+async def test_a_hub_under_load_with_drops(tmp_path: Path) -> None:
+    out = tmp_path / "report.json"
+    async with serve(hub_app(say_hub())) as url:
+        status = await run_cli([
+            f"{url}/ws", "--clients", "20", "--duration", "2", "--rate", "2",
+            "--drop", "0.2", "--event", "say", "--echo-event", "said",
+            "--data", '{"from": "bot{client}", "text": "{probe}"}', "--fire-and-forget",
+            "--seed", "7", "--quiet", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert status == 0, report
+    assert report["mode"] == "fire_and_forget"
+    check_report(report, 20)
+    assert report["reply_latency_ms"]["count"] == 0
+
+
+@pytest.mark.anyio
+@pytest.mark.e2e
+async def test_the_example_game_under_load_with_drops(tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]
+                                                      ) -> None:
+    app = load_game().create_app(f"sqlite+aiosqlite:///{tmp_path / 'game.db'}")
+    out = tmp_path / "report.json"
+    async with serve(app) as url:
+        status = await run_cli([
+            f"{url}/ws", "--game", "--clients", "20", "--duration", "2", "--ramp", "0.5",
+            "--drop", "0.2", "--seed", "7", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert status == 0, report
+    assert report["mode"] == "request"
+    assert isinstance(report["game"], str)
+    check_report(report, 20)
+    assert report["replies"] > 0
+    assert report["reply_latency_ms"]["count"] == report["replies"]
+    printed = capsys.readouterr()
+    assert "latency" in printed.out
+    assert "result: PASS" in printed.out
+    assert "connected" in printed.err  # the progress line
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def test_the_game_setup_failing_is_a_clear_error(capsys: pytest.CaptureFixture[str]
+                                                  ) -> None:
+    assert main([f"ws://127.0.0.1:{free_port()}/ws", "--game", "-n", "2", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "setup failed" in err
+    assert "/api/games" in err
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["http://127.0.0.1:8000/ws"], "URL must be ws://"),
+    (["ws://127.0.0.1:8000/ws", "--clients", "0"], "--clients/-n: must be >= 1"),
+    (["ws://127.0.0.1:8000/ws", "--clients", "many"], "not a number"),
+    (["ws://127.0.0.1:8000/ws", "--rate", "0"], "--rate/-r: must be > 0"),
+    (["ws://127.0.0.1:8000/ws", "--drop", "1.5"], "--drop: must be between 0 and 1"),
+    (["ws://127.0.0.1:8000/ws", "--data", "{text}"], "--data: not valid JSON"),
+    (["ws://127.0.0.1:8000/ws", "--data", "[1, 2]"], "--data must contain"),
+    (["ws://127.0.0.1:8000/ws", "--game", "--auth", "{}"], "not allowed with argument"),
+    (["ws://127.0.0.1:8000/ws", "--auth-file", "/nonexistent/auths"], "--auth-file"),
+    (["ws://127.0.0.1:8000/ws", "--header", "nocolon"], "expected 'Name: value'"),
+    ([], "the following arguments are required: url"),
+])
+def test_argument_errors_say_what_is_wrong(argv: list[str], message: str,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert err.startswith("usage: wsroom loadtest")
+
+
+def test_loadtest_is_accepted_as_a_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["loadtest", "--help"])
+    assert exited.value.code == 0
+    assert "messages per second PER CLIENT" in capsys.readouterr().out
+
+
+def test_histogram_quantiles_are_within_one_percent() -> None:
+    histogram = Histogram()
+    assert histogram.quantile(0.5) is None
+    for millisecond in range(1, 1001):
+        histogram.record(millisecond / 1000)
+    assert histogram.count == 1000
+    assert histogram.max == 1.0
+    for q in (0.5, 0.95, 0.99):
+        assert histogram.quantile(q) == pytest.approx(q, rel=0.011)
+    summary = histogram.summary()
+    assert summary["max"] == 1000.0
+    assert summary["mean"] == pytest.approx(500.5)
