@@ -3,6 +3,7 @@ cases a correct server never produces (duplicates, gaps, silence)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 from collections.abc import Awaitable, Callable
@@ -368,3 +369,46 @@ async def test_a_server_that_welcomes_then_sheds_gets_growing_backoff() -> None:
     # Without growth, a 0.05 s backoff would allow ~40 reconnects in 2 s.
     assert 2 <= connects <= 12
     assert len(hellos) == connects
+
+
+async def test_a_ping_read_together_with_the_close_does_not_crash_the_client() -> None:
+    """A stalled link delivers a ping and the server's close frame in one read: the
+    pong cannot be sent any more, and the client must end with the close's code (found
+    by the fault-injection suite, where it crashed the client's task)."""
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import (
+        AcceptConnection,
+        CloseConnection,
+        Request,
+        TextMessage,
+    )
+
+    async def serve_once(stream: anyio.abc.SocketStream) -> None:
+        ws = WSConnection(ConnectionType.SERVER)
+        async with stream:
+            hello = False
+            while not hello:
+                ws.receive_data(await stream.receive())
+                for event in ws.events():
+                    if isinstance(event, Request):
+                        await stream.send(ws.send(AcceptConnection()))
+                    elif isinstance(event, TextMessage):
+                        hello = True
+            await stream.send(ws.send(TextMessage(json.dumps(welcome(room=0))))
+                              + ws.send(TextMessage(json.dumps({"type": "ping", "id": 1})))
+                              + ws.send(CloseConnection(4501, "kicked")))
+            with anyio.move_on_after(2), contextlib.suppress(anyio.EndOfStream,
+                                                             anyio.BrokenResourceError):
+                while True:
+                    await stream.receive()  # until the client closes
+
+    async with await anyio.create_tcp_listener(local_host="127.0.0.1") as listener, \
+            anyio.create_task_group() as tg:
+        port = listener.extra(anyio.abc.SocketAttribute.local_port)
+        tg.start_soon(listener.serve, serve_once)
+        async with Client(f"ws://127.0.0.1:{port}/ws", min_backoff=0.01) as client:
+            await wait_for(lambda: client.closed is not None)
+            with pytest.raises(ClientClosed) as closed:
+                await client.wait_connected()
+            assert closed.value.code == 4501
+        tg.cancel_scope.cancel()

@@ -7,13 +7,9 @@ and never *leave* within the window, and the inbox is replayed like a room.
 Clients: the wsproto client over real TCP (killed with RST or FIN, no close frame)
 and `wsroom.client.Client`.
 
-KNOWN SRC BUG (the asyncio variants of every test that kills a socket fail until it is
-fixed): uvicorn's websockets-sansio protocol reports a connection lost without a close
-frame as ``websocket.disconnect`` code 1005 (uvicorn/protocols/websockets/
-websockets_sansio_impl.py, ``connection_lost``), and `Connection._release` decides
-"resumable" with ``should_reconnect(1005)``, which is False: the session is ended at
-once (rooms left, presence leave, the room's stream closed) instead of being detached
-for ``resume_window``.
+uvicorn's websockets-sansio protocol reports a connection lost without a close frame as
+``websocket.disconnect`` code 1005: `Connection._resumable` treats it as resumable (the
+session is detached for ``resume_window``), which the tests that kill a socket check.
 """
 
 from __future__ import annotations
@@ -193,7 +189,6 @@ async def test_killed_socket_resumes_and_gets_every_missed_message_exactly_once(
                                                 "offset": 0, "recovered": False}
             tg.start_soon(lambda: publish_numbered(hub, 1, total, pause_every=50))
             await first.collect(100)
-            # KNOWN SRC BUG on uvicorn (1005, see the module docstring): detach fails.
             await first.ws.abort()  # RST, no close frame, mid-stream
         positions = Positions(welcome)
         positions.see_all(first)
@@ -258,7 +253,6 @@ async def test_python_client_resumes_by_itself_and_recovers_exactly_once() -> No
             gates[0] = anyio.Event()  # hold the reconnect's authentication
             ws = client._ws
             assert ws is not None
-            # KNOWN SRC BUG on uvicorn (1005, see the module docstring): detach fails.
             await ws.abort()
         await publish_numbered(hub, 301, total)
         await wait_for(lambda: hub.stats().detached_sessions == 1)
@@ -307,7 +301,6 @@ async def test_resume_beyond_the_history_gets_recovered_false_and_a_snapshot() -
             positions = Positions(welcome)
             positions.see_all(first)
             assert positions.offset(ROOM) == 5
-            # KNOWN SRC BUG on uvicorn (1005, see the module docstring): detach fails.
             await first.ws.abort()
         await wait_for(lambda: hub.stats().detached_sessions == 1)
         for number in range(6, 51):  # 45 missed, the history keeps 10
@@ -422,7 +415,6 @@ async def test_a_token_presented_by_another_member_is_refused() -> None:
     async with serve(hub_app(hub)) as url, Player.connect(url + "/ws", auth={"name": "ann"}) as ann:
         assert ann.welcome is not None
         token = ann.welcome["resume"]
-        # KNOWN SRC BUG on uvicorn (1005, see the module docstring): detach fails.
         await ann.ws.abort()
         await wait_for(lambda: hub.stats().detached_sessions == 1)
         async with raw(url + "/ws") as bob:
@@ -443,7 +435,6 @@ async def test_a_valid_token_after_the_window_gets_a_new_session() -> None:
         async with Player.connect(url + "/ws") as first:
             welcome = first.welcome
             assert welcome is not None
-            # KNOWN SRC BUG on uvicorn (1005, see the module docstring): detach fails.
             await first.ws.abort()
             await wait_for(lambda: hub.stats().detached_sessions == 1)
             await wait_for(lambda: hub.stats().sessions == 0)  # the window passed
@@ -470,7 +461,6 @@ async def test_presence_says_away_then_online_and_never_leave_within_the_window(
             assert welcome is not None
             seen = await frames_until(watcher, lambda f: status_changes([f], "x") != [])
             assert status_changes(seen, "x") == ["online"]
-            # KNOWN SRC BUG on uvicorn (1005, see the module docstring): detach fails.
             await x.ws.abort()
         seen += await frames_until(watcher, lambda f: status_changes([f], "x") != [])
         assert status_changes(seen, "x") == ["online", "away"]
@@ -502,7 +492,6 @@ async def test_presence_says_leave_exactly_once_when_the_window_passes() -> None
             watcher.skip_presence = False
             async with Player.connect(url + "/ws", auth={"name": "x"}) as x:
                 seen = await frames_until(watcher, lambda f: status_changes([f], "x") != [])
-                # KNOWN SRC BUG on uvicorn (1005, see the module docstring): detach fails.
                 await x.ws.drop()  # FIN, no close frame
             seen += await frames_until(watcher, lambda f: status_changes([f], "x") != [])
             assert status_changes(seen, "x") == ["online", "away"]
@@ -535,7 +524,6 @@ async def test_an_unresumed_session_alone_is_forgotten_after_the_window() -> Non
     hub = game_hub(HubConfig(resume_window=0.5))
     async with serve(hub_app(hub)) as url:
         async with Player.connect(url + "/ws") as player:
-            # KNOWN SRC BUG on uvicorn (1005, see the module docstring): detach fails.
             await player.ws.abort()
         await wait_for(lambda: hub.stats().detached_sessions == 1)
         stats = hub.stats()
@@ -565,7 +553,6 @@ async def test_inbox_messages_sent_while_disconnected_are_replayed_once() -> Non
             assert (note["stream"], note["offset"], note["data"]) == (INBOX, 1, {"n": 1})
             positions = Positions(welcome)
             positions.see_all(first)
-            # KNOWN SRC BUG on uvicorn (1005, see the module docstring): detach fails.
             await first.ws.drop()  # FIN, no close frame
         await wait_for(lambda: hub.stats().detached_sessions == 1)
         for number in (2, 3, 4):

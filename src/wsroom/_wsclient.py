@@ -139,7 +139,13 @@ class WebSocket:
             data=message
         )
         try:
-            await self._write(self._ws.send(event))
+            data = self._ws.send(event)
+        except LocalProtocolError as exc:
+            # The peer's close frame was read (not yet returned by `recv`, which will
+            # report its code): nothing can be sent any more.
+            raise ConnectionClosed(1006, "the peer is closing") from exc
+        try:
+            await self._write(data)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
             self._closed = _Closed(1006, "connection lost")
             await self._stream.aclose()

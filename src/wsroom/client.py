@@ -24,6 +24,7 @@ current.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -402,7 +403,9 @@ class Client:
                     frame = json.loads(line)
                     kind = frame["type"]
                     if kind == "ping":
-                        await ws.send(json.dumps({"type": "pong", "id": frame["id"]}))
+                        # The server may be closing already: read on for its code.
+                        with contextlib.suppress(ConnectionClosed):
+                            await ws.send(json.dumps({"type": "pong", "id": frame["id"]}))
                     elif kind == "msg":
                         if not await self._on_msg(frame):
                             return welcomed_at  # a gap: reconnect and ask again
