@@ -1,0 +1,1 @@
+"""Benchmarks: wsroom against its peers (see benchmarks/README.md)."""

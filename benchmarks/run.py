@@ -1,0 +1,432 @@
+"""Run every scenario against every peer and write the report (markdown and PNG plots).
+
+    python -m benchmarks.run [--quick] [--out docs/benchmarks.md] [--reps 3]
+                             [--only SCENARIO ...] [--peers PEER ...]
+
+Each measurement starts a fresh server pinned to core 0 (``taskset -c 0``) and one load
+client process pinned to core 1; see benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVER_CORE, CLIENT_CORE = "0", "1"
+SIZE = 200  # bytes of JSON data per message
+
+
+@dataclass(frozen=True)
+class Peer:
+    name: str
+    label: str
+    kind: str  # how the client speaks to it: raw, sio, wsroom
+    app: str | None  # module:app on uvicorn, or None for its own server
+    uvicorn_args: tuple[str, ...] = ()  # as the peer's own docs recommend
+
+
+PEERS = [
+    Peer("websockets", "websockets (own server + broadcast)", "raw", None),
+    Peer("starlette-loop", "Starlette, loop of send_text", "raw",
+         "benchmarks.servers.starlette_loop:app"),
+    Peer("starlette-queue", "Starlette, queue + writer per client", "raw",
+         "benchmarks.servers.starlette_queue:app"),
+    Peer("socketio", "python-socketio (ASGI)", "sio", "benchmarks.servers.socketio_app:app"),
+    # wsroom's deploy guide: its own heartbeat replaces uvicorn's protocol pings.
+    Peer("wsroom", "wsroom", "wsroom", "benchmarks.servers.wsroom_app:app",
+         ("--ws-ping-interval", "0")),
+]
+PEER = {p.name: p for p in PEERS}
+BASELINES = ("websockets", "socketio")  # ratio columns
+
+
+@dataclass
+class Scenario:
+    id: str
+    title: str
+    what: str
+    metrics: list[tuple[str, str, str]]  # (key, column heading, format)
+    peers: list[str] = field(default_factory=lambda: [p.name for p in PEERS])
+    ratios: bool = True  # ratio columns against BASELINES (for the first metric)
+
+
+def params(quick: bool) -> dict[str, dict[str, Any]]:
+    """Sizes of every scenario: full, or --quick (seconds, for the smoke test)."""
+    if quick:
+        return {
+            "fanout_small": {"n": 20, "m": 500},
+            "fanout_large": {"n": 100, "m": 50},
+            "latency": {"n": 20, "rate": 20, "m": 20},
+            "slow": {"n": 5, "m": 2000, "timeout": 5},
+            "idle": {"n": 100, "settle": 0.5},
+            "idle_10k": {"n": 300, "window": 2.0},
+            "storm": {"n": 50, "k": 20, "p": 20},
+        }
+    return {
+        "fanout_small": {"n": 100, "m": 4000},
+        "fanout_large": {"n": 1000, "m": 1000},
+        "latency": {"n": 100, "rate": 20, "m": 300},  # 15 s
+        # M: several times what the server's kernel buffers for the stalled client (its
+        # socket's send buffer autotunes up to net.ipv4.tcp_wmem's max, 4 MiB here).
+        "slow": {"n": 20, "m": 40000, "timeout": 60},
+        "idle": {"n": 1000, "settle": 3.0},
+        "idle_10k": {"n": 10000, "settle": 3.0, "window": 30.0},
+        "storm": {"n": 1000, "k": 50, "p": 50},
+    }
+
+
+def scenarios(p: dict[str, dict[str, Any]]) -> list[Scenario]:
+    fs, fl, lat, slow = p["fanout_small"], p["fanout_large"], p["latency"], p["slow"]
+    idle, big, storm = p["idle"], p["idle_10k"], p["storm"]
+    return [
+        Scenario("fanout_small", f"Fan-out throughput, N={fs['n']}",
+                 f"{fs['n']} clients in one room; the server publishes {fs['m']} messages "
+                 "back to back. Deliveries/s = messages received, summed over the clients, "
+                 "per second from the publish request to the last delivery.",
+                 [("per_s", "deliveries/s", ",.0f"), ("client_cpu", "client CPU", ".0%")]),
+        Scenario("fanout_large", f"Fan-out throughput, N={fl['n']}",
+                 f"As above with {fl['n']} clients and {fl['m']} messages.",
+                 [("per_s", "deliveries/s", ",.0f"), ("client_cpu", "client CPU", ".0%")]),
+        Scenario("latency", f"Latency at {lat['rate']} broadcasts/s to {lat['n']} clients",
+                 f"{lat['m']} messages at {lat['rate']}/s; latency of every delivery, from "
+                 "the server's publish call (a timestamp in the message) to the client's "
+                 "frame callback.",
+                 [("p99_ms", "p99 ms", ".2f"), ("p50_ms", "p50 ms", ".2f"),
+                  ("max_ms", "max ms", ".1f")]),
+        Scenario("slow", f"One client never reads ({slow['n']} readers)",
+                 f"{slow['n']} clients read {slow['m']:,} messages published back to back, "
+                 "on a fresh server, with and without one more client (receive buffer "
+                 "4 KiB) that stops reading its socket. Relative = the readers' deliveries/s "
+                 "with it over without it, per repetition (a stuck publisher is given "
+                 f"{slow['timeout']} s). Server peak RSS: with it. Then the stalled client "
+                 "reads again: what it got, its close code and, for wsroom, whether its "
+                 "resume replayed every message exactly once.",
+                 [("relative", "relative", ".2f"), ("per_s", "readers' deliveries/s", ",.0f"),
+                  ("base_per_s", "without it", ",.0f"), ("peak_rss_mib", "server peak RSS MiB",
+                                                         ".0f"),
+                  ("outcome", "stalled client", "s")]),
+        Scenario("idle", f"Idle memory per connection (N={idle['n']})",
+                 f"Server RSS with {idle['n']} idle connections (handshake done, in the "
+                 "room, heartbeats running) minus RSS before any, divided by N.",
+                 [("kib_per_conn", "KiB/connection", ".1f"), ("rss_mib", "RSS MiB", ".1f")]),
+        Scenario("idle_10k", f"{big['n']:,} idle connections to wsroom",
+                 f"wsroom with {big['n']:,} idle connections and its default heartbeats "
+                 f"(ping every 30 s): the server's CPU over {big['window']:g} s and its RSS.",
+                 [("cpu_pct", "CPU % of a core", ".2f"), ("rss_mib", "RSS MiB", ".1f"),
+                  ("kib_per_conn", "KiB/connection", ".1f"), ("connect_s", "connect s", ".1f")],
+                 peers=["wsroom"], ratios=False),
+        Scenario("storm", f"Reconnect storm ({storm['n']:,} wsroom clients)",
+                 f"{storm['n']:,} clients get {storm['k']} messages, all drop at once (no "
+                 f"close frame), {storm['p']} more are published, and all resume at once. "
+                 "Time from the first reconnect until every client has been replayed what "
+                 "it missed; exact = every client saw every offset exactly once.",
+                 [("seconds", "seconds", ".2f"), ("welcomed_s", "all welcomed s", ".2f"),
+                  ("exact", "exact replay", "s")],
+                 peers=["wsroom"], ratios=False),
+    ]
+
+
+# ------------------------------------------------------------------------ processes
+def pinned(core: str, cmd: list[str]) -> list[str]:
+    return ["taskset", "-c", core, *cmd] if shutil.which("taskset") else cmd
+
+
+def loop_name() -> str:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return "asyncio"
+    return "uvloop"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def raise_nofile() -> None:
+    import resource
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited by children
+
+
+@contextlib.contextmanager
+def server(peer: Peer, log: Path) -> Iterator[tuple[int, int]]:
+    """A fresh server process pinned to its core; yields (port, pid)."""
+    port = free_port()
+    if peer.app is None:
+        cmd = [sys.executable, "-m", "benchmarks.servers.websockets_lib", str(port)]
+    else:
+        cmd = [sys.executable, "-m", "uvicorn", peer.app, "--host", "127.0.0.1",
+               "--port", str(port), "--ws", "websockets-sansio", "--loop", loop_name(),
+               "--backlog", "4096", "--log-level", "warning", "--no-access-log",
+               *peer.uvicorn_args]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with log.open("a") as out:
+        proc = subprocess.Popen(pinned(SERVER_CORE, cmd), cwd=ROOT, env=env, stdout=out,
+                                stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/count", timeout=1).read()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{peer.name} did not start, see {log}") from None
+                time.sleep(0.05)
+        yield port, proc.pid
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class LoadClient:
+    """The load client process, pinned to the other core."""
+
+    def __init__(self, spec: dict[str, Any], log: Path) -> None:
+        self.log = log
+        self.proc = subprocess.Popen(
+            pinned(CLIENT_CORE, [sys.executable, "-m", "benchmarks.client", json.dumps(spec)]),
+            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=log.open("a"), text=True)
+
+    def event(self, timeout: float) -> dict[str, Any]:
+        """The next JSON line (ready or result) from the client."""
+        assert self.proc.stdout is not None
+        # A client that hangs is killed by the timer; readline then returns "".
+        killer = _Timer(timeout, self.proc.kill)
+        try:
+            line = self.proc.stdout.readline()
+        finally:
+            killer.cancel()
+        if not line:
+            self.proc.wait()
+            raise RuntimeError(f"load client failed (exit {self.proc.returncode}), "
+                               f"see {self.log}")
+        return dict(json.loads(line))
+
+    def finish(self, timeout: float) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        with contextlib.suppress(BrokenPipeError):
+            self.proc.stdin.write("stop\n")
+            self.proc.stdin.flush()
+        result = self.event(timeout)
+        self.proc.wait(timeout)
+        return result
+
+
+class PeakRSS:
+    """Samples a process' RSS every 50 ms in a thread; `mib` is the peak."""
+
+    def __init__(self, proc: Any) -> None:
+        import threading
+        self.proc, self.peak, self._stop = proc, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            with contextlib.suppress(Exception):
+                self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    def __enter__(self) -> PeakRSS:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def mib(self) -> float:
+        return self.peak / 2**20
+
+
+class _Timer:
+    def __init__(self, seconds: float, action: Any) -> None:
+        import threading
+        self._t = threading.Timer(seconds, action)
+        self._t.daemon = True
+        self._t.start()
+
+    def cancel(self) -> None:
+        self._t.cancel()
+
+
+# ------------------------------------------------------------------------ measurements
+def fanout(peer: Peer, p: dict[str, Any], log: Path, slow: bool) -> dict[str, Any]:
+    import psutil
+    with server(peer, log) as (port, pid):
+        spec = {"kind": peer.kind, "port": port, "size": SIZE, "scenario": "fanout",
+                "n": p["n"], "m": p["m"], "slow": slow, "timeout": p.get("timeout", 120)}
+        with PeakRSS(psutil.Process(pid)) as peak:
+            result = LoadClient(spec, log).event(300)
+    return {**result, "peak_rss_mib": peak.mib}
+
+
+def idle(peer: Peer, p: dict[str, Any], log: Path) -> dict[str, Any]:
+    import psutil
+    with server(peer, log) as (port, pid):
+        proc = psutil.Process(pid)
+        time.sleep(0.5)
+        rss0 = proc.memory_info().rss
+        client = LoadClient({"kind": peer.kind, "port": port, "scenario": "idle",
+                             "n": p["n"]}, log)
+        ready = client.event(600)
+        time.sleep(p.get("settle", 1.0))
+        cpu0, t0 = proc.cpu_times(), time.monotonic()
+        time.sleep(p.get("window", 0.0))
+        cpu1, t1 = proc.cpu_times(), time.monotonic()
+        rss1 = proc.memory_info().rss
+        result = client.finish(120)
+    busy = (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)
+    return {**result, "connect_s": ready["connect_s"], "rss_mib": rss1 / 2**20,
+            "kib_per_conn": (rss1 - rss0) / p["n"] / 1024,
+            "cpu_pct": 100 * busy / (t1 - t0) if t1 > t0 else 0.0}
+
+
+def measure(scenario: str, peer: Peer, p: dict[str, Any], log: Path) -> dict[str, Any]:
+    """One repetition of one scenario against one peer, each run on a fresh server."""
+    if scenario in ("fanout_small", "fanout_large"):
+        return fanout(peer, p, log, slow=False)
+    if scenario == "slow":
+        result = fanout(peer, p, log, slow=True)
+        base = fanout(peer, p, log, slow=False)
+        return {**result, "base_per_s": base["per_s"],
+                "relative": result["per_s"] / base["per_s"]}
+    if scenario in ("idle", "idle_10k"):
+        return idle(peer, p, log)
+    with server(peer, log) as (port, _):
+        spec = {"kind": peer.kind, "port": port, "size": SIZE, "scenario": scenario, **p}
+        if scenario == "latency":
+            spec["timeout"] = p["m"] / p["rate"] + 30
+        elif scenario == "storm":
+            spec["timeout"] = 120
+        else:
+            raise ValueError(scenario)
+        return LoadClient(spec, log).event(600)
+
+
+def outcome(r: dict[str, Any]) -> str:
+    """The stalled client's fate, in words."""
+    s = r.get("slow") or {}
+    if not s:
+        return ""
+    got = f"got {s['received_before_close']:,}/{s['m']:,}"
+    if not s["closed"]:
+        return f"not closed, {got}"
+    text = f"closed {s['close_code'] or '1006 (no close frame)'}, {got}"
+    if s.get("server_closes"):
+        text += ", server: " + ", ".join(f"{k} {v}" for k, v in s["server_closes"].items())
+    if "exactly_once" in s:
+        text += (", resumed: every message exactly once" if s["exactly_once"]
+                 else f", resumed: NOT exact (recovered={s['recovered']})")
+    return text
+
+
+def derived(scenario: str, r: dict[str, Any]) -> dict[str, Any]:
+    if scenario == "slow":
+        r["outcome"] = outcome(r)
+    if scenario == "storm":
+        r["exact"] = "yes" if r["exactly_once"] and r["recovered"] == r["clients"] else "NO"
+    return r
+
+
+# ------------------------------------------------------------------------ aggregation
+def summary(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def fmt(value: Any, spec: str) -> str:
+    if spec == "s":
+        return str(value)
+    return format(value, spec)
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version(), "loop": loop_name(),
+           "machine": f"{platform.system()} {platform.release()} {platform.machine()}, "
+                      f"{os.cpu_count()} CPUs"}
+    for dist in ("wsroom", "uvicorn", "starlette", "websockets", "python-socketio",
+                 "python-engineio", "picows", "uvloop", "httptools", "matplotlib"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[dist] = metadata.version(dist)
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out["wsroom commit"] = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+            text=True, check=True).stdout.strip()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true",
+                    help="1 repetition, small N: a smoke run of a minute at most")
+    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    ap.add_argument("--reps", type=int, default=None, help="repetitions (default 3, quick 1)")
+    ap.add_argument("--only", nargs="*", help="scenario ids to run")
+    ap.add_argument("--peers", nargs="*", help="peers to run")
+    args = ap.parse_args(argv)
+    reps = args.reps or (1 if args.quick else 3)
+    p = params(args.quick)
+    plan = [s for s in scenarios(p) if not args.only or s.id in args.only]
+    out: Path = args.out.resolve()
+    assets = out.parent / out.stem
+    assets.mkdir(parents=True, exist_ok=True)
+    log = assets / "run.log"
+    log.write_text("")
+    raise_nofile()
+
+    results: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    started = time.monotonic()
+    for sc in plan:
+        for name in sc.peers:
+            if args.peers and name not in args.peers:
+                continue
+            runs = results.setdefault(sc.id, {}).setdefault(name, [])
+            for rep in range(reps):
+                t = time.monotonic()
+                try:
+                    r = derived(sc.id, measure(sc.id, PEER[name], p[sc.id], log))
+                except Exception as exc:  # recorded in the report, not fatal
+                    r = {"error": f"{type(exc).__name__}: {exc}"}
+                runs.append(r)
+                print(f"{sc.id:13} {name:16} rep {rep + 1}: "
+                      f"{ {k: r[k] for k, _, _ in sc.metrics if k in r} or r} "
+                      f"({time.monotonic() - t:.1f} s)", flush=True)
+    from .report import write_report
+    meta = {"versions": versions(), "reps": reps, "quick": args.quick, "params": p,
+            "seconds": time.monotonic() - started,
+            "date": time.strftime("%Y-%m-%d %H:%M %Z")}
+    (assets / "results.json").write_text(json.dumps({"meta": meta, "results": results},
+                                                    indent=1, default=str))
+    write_report(out, assets, plan, results, meta)
+    print(f"wrote {out} and {assets}/ in {time.monotonic() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
