@@ -466,9 +466,11 @@ class Hub:
         ``app.add_api_websocket_route("/ws", hub.endpoint)``, or call
         ``await hub.endpoint(websocket)`` from your own ``@app.websocket`` route.
         """
-        await Connection(
-            self, AsgiTransport(websocket.scope, websocket.receive, websocket.send)
-        )._run()
+        # The raw ASGI callables: the connection keeps its own state, and Starlette's
+        # WebSocket checks would cost on every frame.
+        receive = getattr(websocket, "_receive", websocket.receive)
+        send = getattr(websocket, "_send", websocket.send)
+        await Connection(self, AsgiTransport(websocket.scope, receive, send))._run()
 
     @property
     def asgi(self) -> ASGIApp:
