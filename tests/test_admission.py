@@ -273,3 +273,27 @@ async def test_the_sessions_detached_longest_ago_end_beyond_the_cap() -> None:
         await wait_for(lambda: hub.stats().connections == 0)
     for transport in transports:
         transport.close_streams()
+
+
+def test_a_proxy_on_a_unix_socket_can_be_trusted() -> None:
+    assert TrustedProxies([]).client_address(None, ["198.51.100.1"]) == "unknown"
+    unix = TrustedProxies(["unix"])
+    assert unix.client_address(None, ["6.6.6.6, 198.51.100.1"]) == "198.51.100.1"
+    assert unix.client_address(None, []) == "unknown"
+    assert unix.client_address("10.0.0.2", ["198.51.100.1"]) == "10.0.0.2"  # not trusted
+
+
+@pytest.mark.anyio
+async def test_clients_without_an_address_are_not_limited_together() -> None:
+    """A Unix socket without a trusted proxy: every client would share one limit."""
+    hub = Hub(HubConfig(max_connections_per_ip=1))
+    transports = [MemoryTransport(client=None) for _ in range(3)]
+    async with hub.run(), anyio.create_task_group() as tg:
+        for transport in transports:
+            tg.start_soon(Connection(hub, transport)._run)
+        await wait_for(lambda: all(t.accepted for t in transports))
+        assert hub.stats().connections == 3
+        for transport in transports:
+            await transport.client_disconnect(1000)
+    for transport in transports:
+        transport.close_streams()

@@ -255,7 +255,7 @@ async def test_backplane_events_are_metrics() -> None:
 async def test_late_words_from_the_worker_a_session_left_are_ignored() -> None:
     """A worker that has not yet heard that its session moved may still expire it or
     announce its departure: neither touches the session now held elsewhere."""
-    from wsroom._backplane import PresenceOp
+    from wsroom._backplane import PresenceOp, SessionRecord
 
     async with two_workers() as (a, b, tg):
         ann, bob = Client("ann"), Client("bob")
@@ -270,10 +270,69 @@ async def test_late_words_from_the_worker_a_session_left_are_ignored() -> None:
         await wait_for(lambda: bob.roster().get("ann") == "online")
         late = a._backplane
         await late.announce(PresenceOp("table", "remove", "ann", session, worker=late.worker))
+        await late.announce(PresenceOp("table", "detach", "ann", session, worker=late.worker))
         await late.end_session(session)
+        stale = SessionRecord(session, "ann", 1, (1,), ("table",), {})
+        assert await late.save_session(stale, 30) is False  # it moved on
         owners = await b._backplane.session_owners([session])
         assert owners == {session: b._backplane.worker}
         await b.publish("table", "n", "after the late words")
         await wait_for(lambda: any(m["data"] == "after the late words" for m in bob.msgs()))
         assert bob.roster().get("ann") == "online"
         assert bob.left() == []
+
+
+@pytest.mark.anyio
+async def test_member_info_is_encoded_like_frames_and_never_blocks_the_outbox() -> None:
+    """Identity info with values JSON cannot encode natively (a datetime) travels like
+    in frames; a bad value must not stop every later announcement of the worker."""
+    import datetime
+
+    async with two_workers() as (a, b, tg):
+        original = a._authenticate_hook
+        assert original is not None
+
+        async def with_a_date(handshake: Handshake) -> Identity:
+            identity = await original(handshake)
+            return Identity(id=identity.id, info={"since": datetime.datetime(2026, 11, 26)})
+
+        a._authenticate_hook = with_a_date
+        ann, bob = Client("ann"), Client("bob")
+        await ann.connect(a, tg)
+        await bob.connect(b, tg)
+        await wait_for(lambda: bob.roster() == {"ann": "online", "bob": "online"})
+        assert a._cluster is not None
+        assert await a._cluster.flush(5)
+
+
+@pytest.mark.anyio
+async def test_a_resume_on_the_same_worker_while_changes_wait_is_saved_after_the_detach(
+) -> None:
+    """A save still queued when the client drops, then resumes here: the record must end
+    live (a resume after the detach is saved after it), or the shared expiry would end
+    the session under a connected client."""
+    async with two_workers() as (a, _b, tg):
+        assert a._cluster is not None
+        ann = Client("ann")
+        await ann.connect(a, tg)
+        assert await a._cluster.flush(5)
+        session_id = ann.welcome()["session"]
+        session = a._sessions.get(session_id)
+        assert session is not None
+        release = anyio.Event()
+
+        async def blocked() -> None:
+            await release.wait()
+
+        a._cluster._push(blocked)  # the outbox is busy (a slow Redis, a backlog)
+        a._cluster.session_changed(session)  # e.g. a confirm: a save waits
+        resume = ann.resume()
+        assert ann.peer is not None
+        await ann.peer.transport.client_disconnect(1006)
+        await wait_for(lambda: a.stats().detached_sessions == 1)
+        again = Client("ann")
+        await again.connect(a, tg, resume=resume)
+        release.set()
+        assert await a._cluster.flush(5)
+        owners = await a._backplane.session_owners([session_id])
+        assert owners == {session_id: a._backplane.worker}

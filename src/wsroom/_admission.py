@@ -77,14 +77,15 @@ class TrustedProxies:
     """Which peers may tell the client's address, and in which header.
 
     Args:
-        proxies: IP addresses or networks (``"10.0.0.0/8"``) of the reverse proxies.
+        proxies: IP addresses or networks (``"10.0.0.0/8"``) of the reverse proxies, and
+            ``"unix"`` for a proxy on a Unix socket (a peer without an address).
         header: ``"x-forwarded-for"`` or ``"forwarded"`` (RFC 7239).
 
     Raises:
         ValueError: if an entry is not an address or network, or the header is unknown.
     """
 
-    __slots__ = ("_header", "_networks")
+    __slots__ = ("_header", "_networks", "_unix")
 
     def __init__(self, proxies: Iterable[str], header: str = "x-forwarded-for") -> None:
         header = header.lower()
@@ -93,7 +94,11 @@ class TrustedProxies:
                              f"got {header!r}")
         self._header = header
         networks = []
+        self._unix = False
         for proxy in proxies:
+            if proxy.strip().lower() == "unix":
+                self._unix = True
+                continue
             try:
                 networks.append(ipaddress.ip_network(proxy.strip(), strict=False))
             except ValueError:
@@ -115,7 +120,8 @@ class TrustedProxies:
                 mapping from which the configured header is read (one value).
         """
         peer_ip = None if peer is None else _parse_ip(peer)
-        if not self.trusts(peer_ip):
+        unix_proxy = peer is None and self._unix
+        if not unix_proxy and not self.trusts(peer_ip):
             return str(peer_ip) if peer_ip is not None else (peer or "unknown")
         if isinstance(headers, list):
             values = headers
@@ -127,7 +133,6 @@ class TrustedProxies:
             hops.extend(_forwarded_for(value) if self._header == "forwarded"
                         else value.split(","))
         current = peer_ip
-        assert current is not None
         for hop in reversed(hops):
             address = _parse_ip(hop)
             if address is None:
@@ -135,7 +140,7 @@ class TrustedProxies:
             current = address
             if not self.trusts(address):
                 break
-        return str(current)
+        return "unknown" if current is None else str(current)
 
 
 class Refusal(str, Enum):

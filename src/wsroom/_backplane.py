@@ -175,9 +175,10 @@ class Backplane(ABC):
         """Called once by the hub (shared backplanes): where to report other workers'
         changes."""
 
-    async def save_session(self, record: SessionRecord, ttl: float) -> None:
+    async def save_session(self, record: SessionRecord, ttl: float) -> bool:
         """Store (or update) a live session's record, owned by this worker; it lives
-        `ttl` seconds unless saved or refreshed again."""
+        `ttl` seconds unless saved or refreshed again. False if another worker has
+        taken the session over (this one must let it go)."""
         raise NotImplementedError
 
     async def claim_session(self, session: str, member: str, generation: int,

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 import anyio
 
 from ._backplane import PresenceOp, SessionRecord
+from ._errors import BackplaneUnavailable
 
 if TYPE_CHECKING:
     from ._hub import Hub, HubSession
@@ -97,7 +98,9 @@ class Cluster:
         hub = self._hub
         if hub._sessions.get(session.id) is not session or session.connection is None:
             return  # ended, or detached since (the detach job follows)
-        await self._backplane.save_session(self.record(session), self.ttl)
+        if not await self._backplane.save_session(self.record(session), self.ttl):
+            # Another worker holds it now (this one missed the word): let it go.
+            hub._drop_local(session.id, "moved")
 
     def record(self, session: HubSession) -> SessionRecord:
         """The session as other workers need it."""
@@ -107,10 +110,13 @@ class Cluster:
             dict(session.identity.info))
 
     def session_detached(self, session: HubSession) -> None:
+        # A change after this (a resume here) must be saved after the detach.
+        self._dirty.discard(session.id)
         window = self._hub.config.resume_window
         self._push(lambda: self._backplane.detach_session(session.id, window))
 
     def session_ended(self, session_id: str) -> None:
+        self._dirty.discard(session_id)
         self._push(lambda: self._backplane.end_session(session_id))
 
     def presence(self, op: PresenceOp) -> None:
@@ -119,31 +125,40 @@ class Cluster:
     # ------------------------------------------------------------------ the task
 
     async def run(self) -> None:
-        """Flush changes in order; refresh liveness; retry while unavailable."""
-        backoff = 0.05
-        next_refresh = anyio.current_time()
+        """Flush changes in order, and refresh liveness beside it (a change being
+        retried must not delay the refresh: the others would declare us dead)."""
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._refresher, name="wsroom shared state refresh")
+            await self._flush_jobs()
+
+    async def _refresher(self) -> None:
         while True:
-            now = anyio.current_time()
-            if now >= next_refresh:
-                try:
-                    await self._refresh()
-                except Exception as exc:
-                    log.warning("shared state: refresh failed: %s", type(exc).__name__)
-                next_refresh = anyio.current_time() + self.refresh_interval
+            try:
+                await self._refresh()
+            except Exception as exc:
+                log.warning("shared state: refresh failed: %s", type(exc).__name__)
+            await anyio.sleep(self.refresh_interval)
+
+    async def _flush_jobs(self) -> None:
+        """Run the jobs in order; retry one only while the backplane is unavailable
+        (any other error is a bug or bad data: logged, and the job dropped)."""
+        backoff = 0.05
+        while True:
             if not self._jobs:
                 self._wakeup = wakeup = anyio.Event()
-                with anyio.move_on_at(next_refresh):
-                    await wakeup.wait()
+                await wakeup.wait()
                 continue
             _, job = self._jobs[0]
             try:
                 await job()
-            except Exception as exc:
+            except BackplaneUnavailable as exc:
                 log.warning("shared state: backplane unavailable (%s); retrying in %.2fs",
-                            type(exc).__name__, backoff)
+                            exc, backoff)
                 await anyio.sleep(backoff * random.uniform(0.5, 1.5))
                 backoff = min(backoff * 2, 2.0)
                 continue
+            except Exception:
+                log.exception("shared state: a change could not be announced; dropped")
             backoff = 0.05
             if self._jobs and self._jobs[0][1] is job:
                 self._jobs.popleft()

@@ -212,6 +212,7 @@ class Hub:
         self._origins = (None if config.allowed_origins is None
                          else OriginPolicy(config.allowed_origins))
         self._proxies = TrustedProxies(config.trusted_proxies or (), config.proxy_header)
+        self._warned_unknown = False
         self._admission = Admission(config.max_connections_per_ip,
                                     config.connect_rate_per_ip, config.connect_burst_per_ip)
         self._backplane = backplane if backplane is not None else MemoryBackplane()
@@ -610,6 +611,16 @@ class Hub:
         if cap is not None and len(self._connections) >= cap:
             return CloseReason.OVER_CAPACITY, 0
         key = client_key(conn.client_address)
+        if key == "unknown":
+            # No address (a Unix socket without a trusted proxy header): every client
+            # would share one per-address limit. Not limited; said once.
+            if not self._warned_unknown:
+                self._warned_unknown = True
+                log.warning("a client without an address (a Unix socket?): per-address "
+                            "limits do not apply to such clients; see the deploy guide")
+            self._connections[conn.id] = conn
+            self._stats.connections_total += 1
+            return None
         decision = self._admission.admit(key, anyio.current_time())
         if decision.refusal is not None:
             return CloseReason(decision.refusal.value), decision.retry_after
@@ -655,6 +666,12 @@ class Hub:
         issued and confirmed since): the caller closes with 3500.
         """
         session = None if claims is None else self._sessions.get(claims.session)
+        if session is None and claims is not None and self._cluster is not None:
+            adopted = await self._adopt_session(conn, identity, claims)
+            if adopted == "here":  # another connection took it over here meanwhile
+                session = self._sessions.get(claims.session)
+            elif adopted != "absent":
+                return adopted
         if session is not None and claims is not None and session.member == identity.id:
             if not session.accepts(claims.generation):
                 self._stats.resumes["rejected"] += 1
@@ -666,10 +683,6 @@ class Hub:
                 replaced._request_close(CloseReason.REPLACED)
             await anyio.lowlevel.checkpoint()
             return session, True
-        if session is None and claims is not None and self._cluster is not None:
-            adopted = await self._adopt_session(conn, identity, claims)
-            if adopted != "absent":
-                return adopted
         if claims is not None:
             self._stats.resumes["new_session"] += 1
         session = self._sessions.create(identity.id, identity, conn)
@@ -680,10 +693,11 @@ class Hub:
 
     async def _adopt_session(self, conn: Connection, identity: Identity,
                              claims: ResumeClaims
-                             ) -> tuple[HubSession, bool] | Literal["absent"] | None:
+                             ) -> tuple[HubSession, bool] | Literal["absent", "here"] | None:
         """Resume a session another worker held (shared backplane): its record gives
         the token state and rooms. None: refused (3500); "absent": no such session
-        exists anywhere (a new one is created)."""
+        exists anywhere (a new one is created); "here": a concurrent resume made it
+        local meanwhile (resume it as a local one)."""
         try:
             assert self._cluster is not None
             record = await self._backplane.claim_session(
@@ -693,8 +707,10 @@ class Hub:
             return None
         if record is None or record.member != identity.id:
             return "absent"
-        if self._sessions.get(record.id) is not None or conn._sm.closing:
-            return None  # raced with another resume of the same session here
+        if self._sessions.get(record.id) is not None:
+            return "here"
+        # Claimed: from now on this worker holds it, even if the client has just left
+        # (the release then detaches it, for a resume anywhere).
         session = self._sessions.create(identity.id, identity, conn, session_id=record.id)
         conn._session = session
         session.restore(max(record.generation, claims.generation),
@@ -815,6 +831,9 @@ class Hub:
         and reload the rosters of the rooms open here."""
         assert self._cluster is not None
         try:
+            # First what this worker itself still has to say (saves, detaches), or its
+            # own sessions would look ended.
+            await self._cluster.flush(self.config.close_timeout)
             owners = await self._backplane.session_owners(
                 [session.id for session in self._sessions.all()])
             me = self._backplane.worker
@@ -869,7 +888,10 @@ class Hub:
         if session is None:
             return
         if session.connection is not None:
-            session.connection._request_close(CloseReason.REPLACED)
+            # Moved: a newer connection elsewhere replaced this one (3503). Ended
+            # elsewhere while connected here: resume (3010), which gives a new session.
+            session.connection._request_close(
+                CloseReason.REPLACED if why == "moved" else CloseReason.GAP)
         self._sessions.remove(session)
         self._metrics.sessions_ended[why] += 1
         rooms = sorted(self._rooms.rooms_of(session))

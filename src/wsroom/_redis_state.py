@@ -31,6 +31,8 @@ import json
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from pydantic_core import to_json
+
 from ._backplane import PresenceOp, SessionRecord, StaleSession
 
 if TYPE_CHECKING:
@@ -41,9 +43,13 @@ __all__ = ["PRESENCE_TAG", "RedisState", "parse_control", "parse_op"]
 PRESENCE_TAG = "#p\n"
 """Prefix of a roster change on a room's channel (stream messages start with a digit)."""
 
+# Saving: not if another worker has taken the session over (`o` names the last holder;
+# reaping a dead worker keeps it, so a worker declared dead while it stalled saves again).
 _SAVE = """
 local P, sid, me = ARGV[1], ARGV[2], ARGV[3]
 local k = P .. ':sess:' .. sid
+local o = redis.call('HGET', k, 'o')
+if o and o ~= '' and o ~= me then return 0 end
 redis.call('HSET', k, 'm', ARGV[4], 'g', ARGV[5], 'a', ARGV[6], 'r', ARGV[7],
            'i', ARGV[8], 'w', me, 'o', me)
 redis.call('PEXPIRE', k, ARGV[9])
@@ -85,7 +91,9 @@ return {'ok', f[2], f[3], f[4], f[5]}
 """
 
 _DETACH = """
-local P, sid, me, due, keep = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local P, sid, me, window, keep = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
+local t = redis.call('TIME')
+local due = t[1] * 1000 + math.floor(t[2] / 1000) + window
 local k = P .. ':sess:' .. sid
 if redis.call('HGET', k, 'w') ~= me then return 0 end
 redis.call('HSET', k, 'w', '')
@@ -124,8 +132,10 @@ end
 # Ending one's own session: not if another worker has claimed it meanwhile (a resume
 # there raced this worker's expiry or goodbye).
 _END = _END_BODY + """
-local w = redis.call('HGET', ARGV[1] .. ':sess:' .. ARGV[2], 'w')
-if w and w ~= '' and w ~= ARGV[3] then return 0 end
+local f = redis.call('HMGET', ARGV[1] .. ':sess:' .. ARGV[2], 'w', 'o')
+local holder = f[1]
+if holder == '' then holder = f[2] end
+if holder and holder ~= '' and holder ~= ARGV[3] then return 0 end
 return finish(ARGV[1], ARGV[2], false)
 """
 
@@ -152,11 +162,13 @@ return count
 _ANNOUNCE = """
 local P, room, sid, kind, op = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local pk = P .. ':pres:' .. room
+local me = cjson.decode(op).w
+local o = redis.call('HGET', P .. ':sess:' .. sid, 'o')
+if o and o ~= '' and o ~= me then return 0 end  -- the session moved on
 local old = redis.call('HGET', pk, sid)
 if old and kind ~= 'attach' then
   -- A word from a worker that no longer holds the session (it moved) is stale.
   local ok, entry = pcall(cjson.decode, string.match(old, '^%d+\\n(.*)$') or '{}')
-  local me = cjson.decode(op).w
   if ok and entry.w and entry.w ~= '' and entry.w ~= me then return 0 end
 end
 if kind == 'remove' then
@@ -172,9 +184,18 @@ return 1
 # Liveness and reaping, run by every worker on each refresh. Returns 1 if this worker
 # was not registered (new, or declared dead while it stalled): it must re-announce.
 _REFRESH = _END_BODY + """
-local P, me, now, dead_after, window = ARGV[1], ARGV[2], tonumber(ARGV[3]),
-  tonumber(ARGV[4]), tonumber(ARGV[5])
+local P, me, dead_after, window, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3]),
+  tonumber(ARGV[4]), ARGV[5]
+local t = redis.call('TIME')  -- one clock for every worker
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local fresh = redis.call('ZADD', P .. ':workers', now, me)
+for i = 6, #ARGV do  -- this worker's live sessions, and their members' session sets
+  local k = P .. ':sess:' .. ARGV[i]
+  if redis.call('PEXPIRE', k, ttl) == 1 then
+    local m = redis.call('HGET', k, 'm')
+    if m then redis.call('PEXPIRE', P .. ':member:' .. m, ttl) end
+  end
+end
 for _, w in ipairs(redis.call('ZRANGEBYSCORE', P .. ':workers', '-inf', now - dead_after)) do
   if redis.call('ZREM', P .. ':workers', w) == 1 then
     local held = P .. ':wsess:' .. w
@@ -205,17 +226,21 @@ for _, w in ipairs(redis.call('ZRANGEBYSCORE', P .. ':workers', '-inf', now - de
   end
 end
 for _, sid in ipairs(redis.call('ZRANGEBYSCORE', P .. ':detached', '-inf', now,
-                                'LIMIT', 0, 100)) do
+                                'LIMIT', 0, 1000)) do
   finish(P, sid, true)
 end
 return fresh
 """
 
 
+def _json(value: object) -> str:
+    """JSON as on the wire (pydantic's encoder: datetimes, UUIDs, enums... like frames)."""
+    return to_json(value).decode()
+
+
 def _op_json(op: PresenceOp) -> str:
-    return json.dumps({"room": op.room, "k": op.kind, "m": op.member, "s": op.session,
-                       "i": dict(op.info), "c": dict(op.meta), "w": op.worker},
-                      separators=(",", ":"))
+    return _json({"room": op.room, "k": op.kind, "m": op.member, "s": op.session,
+                  "i": dict(op.info), "c": dict(op.meta), "w": op.worker})
 
 
 def parse_op(data: str) -> PresenceOp | None:
@@ -261,11 +286,11 @@ class RedisState:
         """The resume window (set by the hub's config through the backplane)."""
         self.dead_after_ms = 3_000
 
-    async def save_session(self, record: SessionRecord, ttl: float) -> None:
-        await self._save(args=[
+    async def save_session(self, record: SessionRecord, ttl: float) -> bool:
+        return bool(await self._save(args=[
             self._prefix, record.id, self.worker, record.member, record.generation,
             ",".join(map(str, record.accepted)), json.dumps(list(record.rooms)),
-            json.dumps(dict(record.info)), max(1, int(ttl * 1000))])
+            _json(record.info), max(1, int(ttl * 1000))]))
 
     async def claim_session(self, session: str, member: str, generation: int, ttl: float
                             ) -> SessionRecord | None:
@@ -286,8 +311,7 @@ class RedisState:
                              room_list, info_map if isinstance(info_map, dict) else {})
 
     async def detach_session(self, session: str, window: float) -> None:
-        due = self._now_ms() + int(window * 1000)
-        await self._detach(args=[self._prefix, session, self.worker, due,
+        await self._detach(args=[self._prefix, session, self.worker, int(window * 1000),
                                  int(window * 1000) + 60_000])
 
     async def end_session(self, session: str) -> None:
@@ -330,13 +354,8 @@ class RedisState:
         """Liveness, record TTLs and reaping; True if this worker was not registered
         (it must re-announce what it holds)."""
         ttl_ms = max(1, int(ttl * 1000))
-        async with self._client.pipeline(transaction=False) as pipe:
-            for sid in sessions:
-                pipe.pexpire(f"{self._prefix}:sess:{sid}", ttl_ms)
-            if sessions:
-                await pipe.execute()
-        fresh = await self._refresh(args=[self._prefix, self.worker, self._now_ms(),
-                                          self.dead_after_ms, self.window_ms])
+        fresh = await self._refresh(args=[self._prefix, self.worker, self.dead_after_ms,
+                                          self.window_ms, ttl_ms, *sessions])
         return bool(fresh)
 
 

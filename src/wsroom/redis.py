@@ -538,10 +538,10 @@ class RedisBackplane(Backplane):
         assert self._state is not None
         return self._state
 
-    async def save_session(self, record: SessionRecord, ttl: float) -> None:
+    async def save_session(self, record: SessionRecord, ttl: float) -> bool:
         self._session_ttl = ttl
         try:
-            await self._shared_state().save_session(record, ttl)
+            return await self._shared_state().save_session(record, ttl)
         except self._errors as exc:
             raise self._unavailable("saving a session", exc) from exc
 
