@@ -412,3 +412,17 @@ async def test_a_ping_read_together_with_the_close_does_not_crash_the_client() -
                 await client.wait_connected()
             assert closed.value.code == 4501
         tg.cancel_scope.cancel()
+
+
+async def test_a_429_is_retried_no_sooner_than_its_retry_after() -> None:
+    """Refused by a per-address rate limit (HTTP 429, Retry-After: 1), the client waits
+    at least that long instead of its short backoff."""
+    hub = Hub(HubConfig(connect_rate_per_ip=0.5, connect_burst_per_ip=1))
+    async with serve(hub_app(hub)) as url:
+        async with Client(url + "/ws", min_backoff=0.01, max_backoff=0.02) as first:
+            await first.wait_connected()
+        async with Client(url + "/ws", min_backoff=0.01, max_backoff=0.02) as second:
+            await anyio.sleep(0.5)  # its backoff alone would have retried ~20 times
+            assert second.attempts == 1
+            with anyio.fail_after(10):
+                await second.wait_connected()  # once the bucket has a token again

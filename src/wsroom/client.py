@@ -165,6 +165,7 @@ class Client:
         self.min_backoff = min_backoff
         self.max_backoff = max_backoff
         self._rng = rng or random.Random()
+        self._retry_after = 0.0  # seconds a 429 asked us to wait
         self.positions: dict[str, tuple[str, int]] = {}
         """Last ``(epoch, offset)`` seen per stream."""
         self.session: str | None = None
@@ -332,8 +333,10 @@ class Client:
                     self.closed = ClientClosed(code, reason)
                     log.info("closed for good: %d", code)
                     return
-                delay = backoff_delay(attempt, base=self.min_backoff, cap=self.max_backoff,
-                                      rng=self._rng)
+                delay = max(backoff_delay(attempt, base=self.min_backoff,
+                                          cap=self.max_backoff, rng=self._rng),
+                            self._retry_after)
+                self._retry_after = 0.0
                 attempt += 1
                 log.info("connection ended (%d); reconnecting in %.2fs", code, delay)
                 await anyio.sleep(delay)
@@ -352,8 +355,11 @@ class Client:
         try:
             ws = await connect(self.url, headers=self.headers)
         except HandshakeRejected as exc:
-            # 429 and 5xx: come back later; any other refusal of the upgrade is final.
+            # 429 and 5xx: come back later (not before Retry-After); any other refusal
+            # of the upgrade is final.
             retry = exc.status == 429 or exc.status >= 500
+            with contextlib.suppress(ValueError):
+                self._retry_after = min(60.0, float(exc.headers.get("retry-after", 0)))
             return (1013 if retry else 1008), exc.reason, 0.0
         except Exception as exc:  # refused, reset, timed out, garbage HTTP...
             log.info("connect failed: %s", type(exc).__name__)
