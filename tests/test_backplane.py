@@ -258,6 +258,7 @@ async def test_a_renumbered_stream_is_a_gap_not_a_duplicate() -> None:
     async with running(hub) as (peer, _):
         await wait_for(lambda: any(f["type"] == "welcome" for f in peer.frames))
         assert await hub.publish("room", "e", 1) == 1
+        await wait_for(lambda: any(f["type"] == "msg" for f in peer.frames))
         backplane = hub._backplane
         await backplane.close("room")
         await backplane.open("room", HistoryLimits())  # a new epoch
