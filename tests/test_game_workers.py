@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from support import serve, wait_for
-from test_backplane_conformance import REDIS_URL, redis_or_skip
+from test_backplane_conformance import REDIS_URL, delete_prefix, redis_or_skip
 from test_game_api import Table, load_game
 from test_game_ws import event_is, msg_where, next_message, room, seats
 from wsroom import HubConfig
@@ -30,8 +30,6 @@ def anyio_backend() -> str:
 async def two_tables(tmp_path: Path) -> AsyncIterator[tuple[Table, Table]]:
     """Two workers of the game: one SQLite file, one Redis prefix."""
     redis_or_skip()
-    import redis.asyncio as aioredis
-
     from wsroom.redis import RedisBackplane
 
     game = load_game()
@@ -50,11 +48,7 @@ async def two_tables(tmp_path: Path) -> AsyncIterator[tuple[Table, Table]]:
                 tables.append(Table(app, url, http))
             yield tables[0], tables[1]
     finally:
-        client = aioredis.Redis.from_url(REDIS_URL)
-        keys = [key async for key in client.scan_iter(match=f"{prefix}*")]
-        if keys:
-            await client.delete(*keys)
-        await client.aclose()
+        delete_prefix(prefix)
 
 
 async def test_players_on_two_workers_share_the_table_and_a_kick_crosses_workers(

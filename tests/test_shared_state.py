@@ -18,7 +18,7 @@ import anyio
 import pytest
 
 from support import MemoryTransport, Peer, wait_for
-from test_backplane_conformance import REDIS_URL, redis_or_skip
+from test_backplane_conformance import REDIS_URL, delete_prefix, redis_or_skip
 from wsroom import Connection, Handshake, Hub, HubConfig, Identity
 
 pytestmark = pytest.mark.parametrize("anyio_backend", ["asyncio"])
@@ -111,8 +111,6 @@ class Client:
 @asynccontextmanager
 async def two_workers() -> AsyncIterator[tuple[Hub, Hub, anyio.abc.TaskGroup]]:
     redis_or_skip()
-    import redis.asyncio as aioredis
-
     prefix = f"wsroom-test-{secrets.token_hex(4)}"
     a, b = make_hub(prefix), make_hub(prefix)
     try:
@@ -126,11 +124,7 @@ async def two_workers() -> AsyncIterator[tuple[Hub, Hub, anyio.abc.TaskGroup]]:
         for transport in TRANSPORTS:
             transport.close_streams()
         TRANSPORTS.clear()
-        client = aioredis.Redis.from_url(REDIS_URL)
-        keys = [key async for key in client.scan_iter(match=f"{prefix}*")]
-        if keys:
-            await client.delete(*keys)
-        await client.aclose()
+        delete_prefix(prefix)
 
 
 @pytest.mark.anyio
