@@ -254,6 +254,11 @@ async def fanout(spec: dict[str, Any]) -> dict[str, Any]:
     await wait_members(port, n + (1 if slow else 0))
     result = await measure(port, run, n * m, f"n={m}&size={spec['size']}",
                            spec["timeout"])
+    if slow is None and not result["complete"]:
+        # Every reader reads: a shortfall is a failed run (e.g. the publish request
+        # failed), not a throughput.
+        raise RuntimeError(f"incomplete: {result['deliveries']} of {n * m} deliveries "
+                           f"(publish answered: {result['publish_done']})")
     if slow is not None:
         result["slow"] = await slow_outcome(spec, slow)
     return result
