@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import secrets
+from collections.abc import Iterator
+
 import pytest
 from hypothesis import settings
 
@@ -20,3 +23,15 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     from netns import REPORT
 
     REPORT.write(terminalreporter)
+
+
+@pytest.fixture
+def prefix() -> Iterator[str]:
+    """A Redis key prefix of this test's own, its keys deleted afterwards (the test is
+    skipped without Redis, and fails on CI)."""
+    from test_backplane_conformance import delete_prefix, redis_or_skip
+
+    redis_or_skip()
+    name = f"wsroom-test-{secrets.token_hex(6)}"
+    yield name
+    delete_prefix(name)

@@ -13,7 +13,7 @@ import shutil
 import signal
 import socket
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
@@ -37,14 +37,6 @@ REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"  # redis-py is asyncio-only
-
-
-@pytest.fixture
-def prefix() -> Iterator[str]:
-    redis_or_skip()
-    name = f"wsroom-test-{secrets.token_hex(6)}"
-    yield name
-    delete_prefix(name)
 
 
 @asynccontextmanager

@@ -19,9 +19,8 @@ it the tests are skipped, except on CI (CI=true), where they fail.
 
 from __future__ import annotations
 
-import secrets
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
@@ -31,7 +30,7 @@ import pytest
 from anyio.abc import SocketAttribute, SocketStream, TaskGroup
 
 from support import ServerProcess, spawn
-from test_backplane_conformance import REDIS_URL, delete_prefix, redis_or_skip
+from test_backplane_conformance import REDIS_URL
 from wsroom.client import Client, Message
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
@@ -50,14 +49,6 @@ refresh, refreshes every 1 s, plus scheduling slack on a loaded machine)."""
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"  # redis-py is asyncio-only
-
-
-@pytest.fixture
-def prefix() -> Iterator[str]:
-    redis_or_skip()
-    name = f"wsroom-test-{secrets.token_hex(6)}"
-    yield name
-    delete_prefix(name)
 
 
 # ------------------------------------------------------------------ the balancer
