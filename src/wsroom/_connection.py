@@ -57,6 +57,7 @@ from pydantic import ValidationError
 from ._budget import ErrorBudget
 from ._codes import CloseCode, ErrorCode, should_reconnect
 from ._errors import BackplaneUnavailable, ClientError, Reject, check_close
+from ._flush import Continuation, start_eagerly
 from ._handlers import MessageContext
 from ._heartbeat import Beat, Heartbeat
 from ._protocol import (
@@ -92,6 +93,7 @@ log = logging.getLogger("wsroom.connection")
 T = TypeVar("T")
 
 _SEND_FAILURE_GRACE = 1.0
+_FLUSH_FRAMES = 4  # frames the flusher writes for one connection before the writer takes over
 """Seconds a failed send waits for the reader to report the peer's close."""
 
 
@@ -163,11 +165,13 @@ class Connection:
         "_close_deadline",
         "_close_reason_text",
         "_close_sent",
+        "_dirty",
         "_final_rooms",
         "_heartbeat",
         "_hello",
         "_hub",
         "_inbox_send",
+        "_inflight",
         "_peer_closed",
         "_peer_code",
         "_pending",
@@ -179,6 +183,7 @@ class Connection:
         "_replay",
         "_resumed",
         "_scope",
+        "_send_error",
         "_send_scope",
         "_session",
         "_sm",
@@ -209,6 +214,9 @@ class Connection:
         self._heartbeat: Heartbeat | None = None
         self._inbox_send: MemoryObjectSendStream[Msg] | None = None
         self._wakeup: anyio.Event | None = None
+        self._dirty = False  # scheduled with the hub's flusher
+        self._inflight: Continuation | None = None  # a send the flusher started
+        self._send_error: Exception | None = None  # a send the flusher saw fail
         self._welcomed = anyio.Event()
         self._scope: anyio.CancelScope | None = None
         self._send_scope: anyio.CancelScope | None = None
@@ -417,9 +425,66 @@ class Connection:
         return True
 
     def _wake(self) -> None:
+        """Frames were queued: have them written (by the hub's flusher if the writer
+        is idle and the hub has one, else by the writer)."""
+        wakeup = self._wakeup
+        if wakeup is None:
+            return  # the writer is running: it takes what is queued
+        flusher = self._hub._flusher
+        if flusher is None:
+            wakeup.set()
+        elif self._dirty:
+            flusher.touch()
+        else:
+            self._dirty = True
+            flusher.schedule(self)
+
+    def _wake_writer(self) -> None:
+        """Wake the writer itself (a close request, the welcome and its replay)."""
         wakeup = self._wakeup
         if wakeup is not None:
             wakeup.set()
+
+    def _flush(self) -> None:
+        """Called by the hub's flusher: write what is queued from the flusher's task
+        while each send completes without waiting; anything else is the writer's."""
+        self._dirty = False
+        wakeup = self._wakeup
+        queue = self._queue
+        if wakeup is None or not queue:
+            return
+        if (self._sm.state is not ConnState.OPEN or self._replay
+                or not self._welcomed.is_set()):
+            wakeup.set()
+            return
+        batch_bytes = self._batch_bytes()
+        for _ in range(_FLUSH_FRAMES):
+            frames = (queue.pop_control() if queue.control_queued else None
+                      ) or queue.pop_batch(batch_bytes)
+            text = frames[0] if len(frames) == 1 else "\n".join(frames)
+            self._count_sent(frames, text, len(queue) + len(frames))
+            try:
+                pending = start_eagerly(self._transport.send(text))
+            except Exception as exc:
+                self._send_error = exc
+                break
+            if pending is not None:  # the socket's buffer is full: the writer waits
+                self._inflight = pending
+                break
+            if not queue:
+                return
+        wakeup.set()
+
+    def _batch_bytes(self) -> int:
+        config = self._hub.config
+        return config.max_batch_bytes if config.batch_frames else 0
+
+    def _count_sent(self, frames: list[str], text: str, depth: int) -> None:
+        hub = self._hub
+        hub._metrics.queue_depth.observe(depth)
+        hub._stats.frames_out += 1
+        hub._stats.messages_out += len(frames)
+        hub._metrics.sent_bytes += frame_size(text)
 
     def _tag(self) -> str:
         member = self.identity.id if self.identity else "-"
@@ -451,7 +516,7 @@ class Connection:
             disposition(reason).log_level,
             "%s: closing, reason=%s code=%s", self._tag(), reason, self._sm.close_code,
         )
-        self._wake()
+        self._wake_writer()
 
     def _finish(self, reason: CloseReason) -> None:
         """End now: nothing more can be sent (the peer is gone or the socket failed)."""
@@ -544,11 +609,17 @@ class Connection:
 
     async def _writer(self) -> None:
         failed = False
-        with anyio.CancelScope() as scope:
-            self._send_scope = scope
-            if self._sm.closing and self._sm.flush:
-                scope.deadline = self._close_deadline
-            failed = await self._write_queued()
+        try:
+            with anyio.CancelScope() as scope:
+                self._send_scope = scope
+                if self._sm.closing and self._sm.flush:
+                    scope.deadline = self._close_deadline
+                failed = await self._write_queued()
+        finally:
+            self._wakeup = None  # the flusher must not write any more
+            if self._inflight is not None:
+                self._inflight.close()
+                self._inflight = None
         self._send_scope = None
         if failed or self._sm.state is ConnState.CLOSED:
             return
@@ -559,24 +630,34 @@ class Connection:
         """Write queued frames until the connection closes; True if a send failed.
 
         Runs inside the writer's cancel scope: a close without flush cancels it, a close
-        with flush gives it a deadline.
+        with flush gives it a deadline. A send the flusher started and could not finish
+        (`_inflight`) or saw fail (`_send_error`) comes first.
         """
         queue = self._queue
         transport = self._transport
-        config = self._hub.config
-        batch_bytes = config.max_batch_bytes if config.batch_frames else 0
-        stats = self._hub._stats
-        metrics = self._hub._metrics
+        batch_bytes = self._batch_bytes()
         sm = self._sm
         while True:
-            state = sm.state
-            if state is ConnState.CLOSED:
+            if sm.state is ConnState.CLOSED:
                 return False  # the peer is gone: nothing may be sent any more
+            if self._inflight is not None or self._send_error is not None:
+                inflight, self._inflight = self._inflight, None
+                error, self._send_error = self._send_error, None
+                try:
+                    if error is not None:
+                        raise error
+                    assert inflight is not None
+                    await inflight
+                except Exception as exc:
+                    await self._send_failed(exc)
+                    return True
+                continue
+            state = sm.state
             if (queue or self._replay) and self._welcomed.is_set() and (
                     state is ConnState.OPEN or sm.flush):
                 # The welcome and the replay go first, but a ping does not wait
                 # behind a long replay.
-                metrics.queue_depth.observe(len(queue) + len(self._replay))
+                depth = len(queue) + len(self._replay)
                 frames = (queue.pop_control() if queue.control_queued else None) or (
                     self._pop_replay(batch_bytes) if self._replay
                     else queue.pop_batch(batch_bytes))
@@ -584,28 +665,29 @@ class Connection:
                 try:
                     await transport.send(text)
                 except Exception as exc:
-                    # Often the peer has just closed: give the reader a moment to see
-                    # its close frame (and code, which decides the session's fate);
-                    # the reader's end cancels this wait.
-                    await anyio.sleep(_SEND_FAILURE_GRACE)
-                    log.warning("%s: send failed: %s", self._tag(), type(exc).__name__)
-                    self._finish(CloseReason.SEND_FAILED)
+                    await self._send_failed(exc)
                     return True
-                stats.frames_out += 1
-                stats.messages_out += len(frames)
-                metrics.sent_bytes += frame_size(text)
+                self._count_sent(frames, text, depth)
             elif sm.closing:
                 return False
             else:
                 self._wakeup = anyio.Event()
                 await self._wakeup.wait()
                 self._wakeup = None
-                if batch_bytes:
+                if batch_bytes and self._hub._flusher is None:
                     # Let whoever woke us (a publisher in a loop, the other members'
                     # writers) run once more before taking the batch: under load the
                     # next messages join this one frame (one send instead of several);
                     # when idle it costs one scheduling round.
                     await anyio.lowlevel.checkpoint()
+
+    async def _send_failed(self, exc: Exception) -> None:
+        # Often the peer has just closed: give the reader a moment to see its close
+        # frame (and code, which decides the session's fate); the reader's end
+        # cancels this wait.
+        await anyio.sleep(_SEND_FAILURE_GRACE)
+        log.warning("%s: send failed: %s", self._tag(), type(exc).__name__)
+        self._finish(CloseReason.SEND_FAILED)
 
     def _pop_replay(self, max_bytes: int) -> list[str]:
         replay = self._replay
@@ -935,7 +1017,7 @@ class Connection:
         log.info("%s: welcomed, resumed=%s rooms=%d replayed=%d", self._tag(),
                  self._resumed, len(plans) - 1, replayed)
         self._welcomed.set()
-        self._wake()
+        self._wake_writer()
 
     async def _watchdog(self) -> None:
         config = self._hub.config

@@ -25,6 +25,7 @@ group each, see `_connection.py`), and always release their slot on the way out.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import secrets
@@ -50,6 +51,7 @@ from ._cluster import Cluster
 from ._config import HubConfig, RoomConfig
 from ._connection import Connection, Identity
 from ._errors import HubNotRunning, MessageTooLarge, check_close
+from ._flush import Flusher
 from ._handlers import Handler, Handlers, MessageScope
 from ._metrics import Metrics
 from ._origin import OriginPolicy
@@ -143,6 +145,14 @@ class HubStats:
     resumes: dict[str, int]
 
 
+def _on_asyncio() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
 def _check_room_name(room: str) -> None:
     if not isinstance(room, str) or not 0 < len(room) <= 200 or room.startswith("@"):
         raise ValueError(
@@ -228,6 +238,7 @@ class Hub:
             self._backplane.bind_state(_StateEvents(self))
         self._stats = _Counters()
         self._metrics = Metrics()
+        self._flusher: Flusher | None = None
         self._phase = _Phase.IDLE
         self._empty: anyio.Event | None = None
         self._tg: TaskGroup | None = None
@@ -495,6 +506,8 @@ class Hub:
             try:
                 self._phase = _Phase.RUNNING
                 tg.start_soon(self._expire_sessions, name="wsroom session expiry")
+                if _on_asyncio():
+                    tg.start_soon(self._run_flusher, name="wsroom flusher")
                 if self._cluster is not None:
                     tg.start_soon(self._cluster.run, name="wsroom shared state")
                 log.info("hub running")
@@ -519,6 +532,17 @@ class Hub:
         """
         async with self.run(), drain_on_signals(self.shutdown):
             yield
+
+    async def _run_flusher(self) -> None:
+        flusher = self._flusher = Flusher()
+        try:
+            await flusher.run()
+        finally:
+            # Whatever it had not written yet is the writers' again.
+            self._flusher = None
+            for conn in flusher.take_dirty():
+                conn._dirty = False
+                conn._wake_writer()
 
     async def shutdown(self) -> None:
         """Drain: refuse new connections (1013), close the others with 1012 in
