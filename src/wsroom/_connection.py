@@ -1,24 +1,31 @@
-"""One client connection: a task group of reader, writer, watchdog and dispatcher.
+"""One client connection: a reader in the ASGI task, a writer task, and a dispatcher
+task from the first application message on.
 
 Theory of operation
 -------------------
 `Connection._run` is the whole life of one WebSocket, from the ASGI upgrade to the end;
 it never returns before everything the connection held is released.
 
-- The **writer** is the only task that sends on the socket. Everyone else (broadcasts,
-  replies, pings, close requests) changes the connection's state synchronously and
-  wakes the writer. It drains the bounded `OutboundQueue`, several frames per
-  WebSocket frame when a backlog exists, and finally writes the close frame.
+- **Sending.** Everyone who has something for the client (broadcasts, replies, pings,
+  close requests) changes the connection's state synchronously: frames go to the
+  bounded `OutboundQueue`. While the writer task is idle, the hub's flusher writes
+  them (`_flush`, see `_flush.py`): one pass over every connection with new frames,
+  each send started eagerly and completed without waiting when the socket can take it.
+  Everything else is the **writer**'s: a send that must wait (a slow client), the
+  welcome and its replay, a backlog, and finally the close frame. Sends never
+  overlap: the flusher writes only while the writer is parked, and hands it any send
+  that suspends. Several queued frames go out as one WebSocket frame.
 - The **reader** receives frames, checks their size before parsing, answers pongs,
   runs the `hello` handshake, and hands application messages to the dispatcher
   through a small bounded inbox. While that inbox is full the reader waits (TCP
   backpressure) and the heartbeat deadline is paused: the silence is ours.
 - The **dispatcher** runs handlers one message at a time, each inside the app's
   per-message scope; a handler that raises costs an `error` frame and a unit of the
-  error budget, never the connection's other tasks.
-- The **watchdog** enforces the handshake deadline (the ``hello``), then the app hooks'
-  deadline (``hook_timeout``: authenticate, on_connect and snapshots), then drives the
-  `Heartbeat`.
+  error budget, never the connection's other tasks. It and its inbox are created on
+  the first application message (a client that only listens never needs them).
+- **Deadlines** live in the hub's timers (`_timers.py`), which call `_on_timer`: the
+  handshake deadline (the ``hello``), then the app hooks' deadline (``hook_timeout``:
+  authenticate, on_connect and snapshots), then the `Heartbeat`.
 
 The handshake attaches the connection to a session (a new one, or the one its resume
 token names) and then composes what the client gets first, race-free against
@@ -168,7 +175,7 @@ class Connection:
         "_dirty",
         "_final_rooms",
         "_heartbeat",
-        "_hello",
+        "_hook_deadline",
         "_hub",
         "_inbox_send",
         "_inflight",
@@ -189,6 +196,7 @@ class Connection:
         "_sm",
         "_started_at",
         "_starting",
+        "_timer_at",
         "_transport",
         "_wakeup",
         "_welcomed",
@@ -234,7 +242,8 @@ class Connection:
         self._accepted = False
         self._admission_key: str | None = None
         self.client_address = hub._client_address(self)
-        self._hello = anyio.Event()
+        self._hook_deadline = math.inf  # set when the hello arrives
+        self._timer_at = math.inf  # see _timers.py
         self._close_sent = False
         self._peer_closed = False
         self._peer_code = 1006
@@ -566,14 +575,18 @@ class Connection:
                 self._sm.accept()
             if rejection is not None:
                 self._request_close(rejection)
-            send, receive = anyio.create_memory_object_stream[Msg](hub.config.inbox_size)
-            with send, receive:
-                self._inbox_send = send
+            try:
                 async with anyio.create_task_group() as tg:
                     self._scope = tg.cancel_scope
                     tg.start_soon(self._writer, name=f"wsroom writer {self.id}")
                     if rejection is None:
-                        self._start(tg, receive)
+                        # The reader runs in this task: one task less per connection.
+                        hub._timers.schedule(
+                            self, anyio.current_time() + hub.config.handshake_timeout)
+                        await self._reader(tg)
+            finally:
+                if self._inbox_send is not None:
+                    self._inbox_send.close()
         except anyio.get_cancelled_exc_class():
             self._request_close(CloseReason.CANCELLED)
             raise
@@ -601,11 +614,6 @@ class Connection:
         finally:
             self._released = True
             self._hub._detach(self, reason)
-
-    def _start(self, tg: TaskGroup, inbox: MemoryObjectReceiveStream[Msg]) -> None:
-        tg.start_soon(self._reader, tg, name=f"wsroom reader {self.id}")
-        tg.start_soon(self._watchdog, name=f"wsroom watchdog {self.id}")
-        tg.start_soon(self._dispatcher, inbox, name=f"wsroom dispatcher {self.id}")
 
     async def _writer(self) -> None:
         failed = False
@@ -768,7 +776,8 @@ class Connection:
                 # Authenticate beside the reader, which keeps watching the socket: a
                 # client that vanishes mid-authentication is released at once.
                 handshake = frame
-                self._hello.set()
+                self._hook_deadline = anyio.current_time() + self._hub.config.hook_timeout
+                self._hub._timers.schedule(self, self._hook_deadline)
                 tg.start_soon(self._handshake, frame, name=f"wsroom handshake {self.id}")
             elif isinstance(frame, Pong):
                 self._confirm()
@@ -789,7 +798,7 @@ class Connection:
                 verdict = (Verdict.ALLOW if self._rate is None
                            else self._rate.check(anyio.current_time()))
                 if verdict is Verdict.ALLOW:
-                    await self._to_dispatcher(frame)
+                    await self._to_dispatcher(frame, tg)
                 elif verdict is Verdict.REFUSE:
                     metrics.dropped["rate_limited"] += 1
                     self._push_personal(error_frame(
@@ -806,9 +815,15 @@ class Connection:
                 and session.confirm() and self._hub._cluster is not None):
             self._hub._cluster.session_changed(session)
 
-    async def _to_dispatcher(self, frame: Msg) -> None:
+    async def _to_dispatcher(self, frame: Msg, tg: TaskGroup) -> None:
         heartbeat = self._heartbeat
-        assert self._inbox_send is not None
+        if self._inbox_send is None:
+            # On the first message only: a connection that only listens (most of a
+            # room) never pays for the dispatcher task and its inbox.
+            send, receive = anyio.create_memory_object_stream[Msg](
+                self._hub.config.inbox_size)
+            self._inbox_send = send
+            tg.start_soon(self._dispatcher, receive, name=f"wsroom dispatcher {self.id}")
         if heartbeat is not None:
             heartbeat.message_received(anyio.current_time())
         try:
@@ -1018,47 +1033,49 @@ class Connection:
                  self._resumed, len(plans) - 1, replayed)
         self._welcomed.set()
         self._wake_writer()
+        self._hub._timers.schedule(self, anyio.current_time())  # the heartbeat begins
 
-    async def _watchdog(self) -> None:
-        config = self._hub.config
-        with anyio.move_on_after(config.handshake_timeout):
-            await self._hello.wait()
-        if not self._hello.is_set():
-            self._request_close(CloseReason.HANDSHAKE_TIMEOUT)
-            return
-        # authenticate and on_connect are the app's: a slow database is not the
-        # client's fault, so their bound answers "try again later".
-        with anyio.move_on_after(config.hook_timeout):
-            await self._welcomed.wait()
-        if not self._welcomed.is_set():
-            if not self._sm.closing:
-                log.warning("%s: authenticate/on_connect exceeded hook_timeout", self._tag())
-            self._request_close(CloseReason.HOOK_TIMEOUT)
-            return
+    def _on_timer(self, now: float) -> float | None:
+        """The hub's timers call this when a deadline of this connection is due:
+        the hello (``handshake_timeout``), then the app's hooks (``hook_timeout``:
+        authenticate, on_connect and snapshots), then the heartbeat. Returns when to
+        be called next."""
+        if self._sm.closing:
+            return None
         heartbeat = self._heartbeat
-        assert heartbeat is not None
-        while not self._sm.closing:
-            tick = heartbeat.poll(anyio.current_time())
-            if tick.beat is Beat.PING:
-                if not self._queue.control_queued:  # else the last ping is still queued
-                    # Ahead of the backlog: the pong deadline must measure the peer,
-                    # not how much the room has queued for it.
-                    self._queue.push_control(ping_frame(tick.ping_id), front=True)
-                    self._wake()
-            elif tick.beat is Beat.NO_PONG:
-                self._request_close(CloseReason.NO_PONG)
-                return
-            elif tick.beat is Beat.IDLE:
-                self._request_close(CloseReason.IDLE_TIMEOUT)
-                return
-            await anyio.sleep_until(tick.wake_at)
+        if heartbeat is None or not self._welcomed.is_set():
+            if self._hook_deadline == math.inf:  # no hello yet
+                self._request_close(CloseReason.HANDSHAKE_TIMEOUT)
+                return None
+            if now < self._hook_deadline:
+                return self._hook_deadline
+            # authenticate and on_connect are the app's: a slow database is not the
+            # client's fault, so their bound answers "try again later".
+            log.warning("%s: authenticate/on_connect exceeded hook_timeout", self._tag())
+            self._request_close(CloseReason.HOOK_TIMEOUT)
+            return None
+        tick = heartbeat.poll(now)
+        if tick.beat is Beat.PING:
+            if not self._queue.control_queued:  # else the last ping is still queued
+                # Ahead of the backlog: the pong deadline must measure the peer,
+                # not how much the room has queued for it.
+                self._queue.push_control(ping_frame(tick.ping_id), front=True)
+                self._wake()
+        elif tick.beat is Beat.NO_PONG:
+            self._request_close(CloseReason.NO_PONG)
+            return None
+        elif tick.beat is Beat.IDLE:
+            self._request_close(CloseReason.IDLE_TIMEOUT)
+            return None
+        return tick.wake_at
 
     async def _dispatcher(self, inbox: MemoryObjectReceiveStream[Msg]) -> None:
-        await self._welcomed.wait()  # messages sent before the welcome wait for it
-        async for frame in inbox:
-            if self._sm.closing:
-                return
-            await self._dispatch(frame)
+        with inbox:
+            await self._welcomed.wait()  # messages sent before the welcome wait for it
+            async for frame in inbox:
+                if self._sm.closing:
+                    return
+                await self._dispatch(frame)
 
     async def _dispatch(self, frame: Msg) -> None:
         hub = self._hub
@@ -1129,6 +1146,7 @@ class Connection:
         if self._released:
             return
         self._released = True
+        self._hub._timers.cancel(self)
         sm = self._sm
         if self._accepted and not self._peer_closed and not self._close_sent:
             # Ended by cancellation or a crash before the writer could close it.

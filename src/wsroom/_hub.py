@@ -68,6 +68,7 @@ from ._rooms import Rooms
 from ._sessions import INBOX, Session, SessionRegistry, inbox_key, inbox_owner
 from ._signals import drain_on_signals
 from ._state import CloseReason
+from ._timers import Timers
 from ._tokens import ResumeClaims, TokenSigner
 from ._transport import AsgiTransport, Handshake
 
@@ -239,6 +240,7 @@ class Hub:
         self._stats = _Counters()
         self._metrics = Metrics()
         self._flusher: Flusher | None = None
+        self._timers = Timers()
         self._phase = _Phase.IDLE
         self._empty: anyio.Event | None = None
         self._tg: TaskGroup | None = None
@@ -506,6 +508,7 @@ class Hub:
             try:
                 self._phase = _Phase.RUNNING
                 tg.start_soon(self._expire_sessions, name="wsroom session expiry")
+                tg.start_soon(self._timers.run, name="wsroom timers")
                 if _on_asyncio():
                     tg.start_soon(self._run_flusher, name="wsroom flusher")
                 if self._cluster is not None:
