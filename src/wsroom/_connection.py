@@ -196,10 +196,12 @@ class Connection:
         "_sm",
         "_started_at",
         "_starting",
+        "_tg",
         "_timer_at",
         "_transport",
         "_wakeup",
         "_welcomed",
+        "_writing",
         "client_address",
         "id",
         "identity",
@@ -221,7 +223,9 @@ class Connection:
                       RateLimiter(config.rate_limit, config.rate_burst, config.rate_patience))
         self._heartbeat: Heartbeat | None = None
         self._inbox_send: MemoryObjectSendStream[Msg] | None = None
-        self._wakeup: anyio.Event | None = None
+        self._wakeup: anyio.Event | None = None  # set while the writer is parked
+        self._writing = False  # a writer task exists
+        self._tg: TaskGroup | None = None  # the connection's, while it runs
         self._dirty = False  # scheduled with the hub's flusher
         self._inflight: Continuation | None = None  # a send the flusher started
         self._send_error: Exception | None = None  # a send the flusher saw fail
@@ -435,36 +439,44 @@ class Connection:
 
     def _wake(self) -> None:
         """Frames were queued: have them written (by the hub's flusher if the writer
-        is idle and the hub has one, else by the writer)."""
-        wakeup = self._wakeup
-        if wakeup is None:
-            return  # the writer is running: it takes what is queued
+        is not running and the hub has one, else by the writer)."""
+        if self._writing:
+            wakeup = self._wakeup
+            if wakeup is not None:  # parked (a hub without a flusher)
+                wakeup.set()
+            return  # else it is running: it takes what is queued
         flusher = self._hub._flusher
         if flusher is None:
-            wakeup.set()
-        elif self._dirty:
+            return  # not started yet, or ended
+        if self._dirty:
             flusher.touch()
         else:
             self._dirty = True
             flusher.schedule(self)
 
     def _wake_writer(self) -> None:
-        """Wake the writer itself (a close request, the welcome and its replay)."""
-        wakeup = self._wakeup
-        if wakeup is not None:
-            wakeup.set()
+        """Have the writer task run: wake it, or start one (a close request, the
+        welcome and its replay, anything the flusher cannot write at once)."""
+        if self._writing:
+            wakeup = self._wakeup
+            if wakeup is not None:
+                wakeup.set()
+            return
+        tg = self._tg
+        if tg is not None and self._sm.state is not ConnState.CLOSED:
+            self._writing = True
+            tg.start_soon(self._writer, name=f"wsroom writer {self.id}")
 
     def _flush(self) -> None:
         """Called by the hub's flusher: write what is queued from the flusher's task
         while each send completes without waiting; anything else is the writer's."""
         self._dirty = False
-        wakeup = self._wakeup
         queue = self._queue
-        if wakeup is None or not queue:
-            return
+        if self._writing or not queue:
+            return  # a running writer takes what is queued
         if (self._sm.state is not ConnState.OPEN or self._replay
                 or not self._welcomed.is_set()):
-            wakeup.set()
+            self._wake_writer()
             return
         batch_bytes = self._batch_bytes()
         for _ in range(_FLUSH_FRAMES):
@@ -482,7 +494,7 @@ class Connection:
                 break
             if not queue:
                 return
-        wakeup.set()
+        self._wake_writer()
 
     def _batch_bytes(self) -> int:
         config = self._hub.config
@@ -578,13 +590,15 @@ class Connection:
             try:
                 async with anyio.create_task_group() as tg:
                     self._scope = tg.cancel_scope
-                    tg.start_soon(self._writer, name=f"wsroom writer {self.id}")
+                    self._tg = tg
+                    self._wake_writer()
                     if rejection is None:
                         # The reader runs in this task: one task less per connection.
                         hub._timers.schedule(
                             self, anyio.current_time() + hub.config.handshake_timeout)
                         await self._reader(tg)
             finally:
+                self._tg = None
                 if self._inbox_send is not None:
                     self._inbox_send.close()
         except anyio.get_cancelled_exc_class():
@@ -616,26 +630,33 @@ class Connection:
             self._hub._detach(self, reason)
 
     async def _writer(self) -> None:
-        failed = False
+        """Write until the connection closes (then send the close frame and end it),
+        or, with the hub's flusher, until there is nothing to write: the flusher writes
+        from then on, and starts a writer again when it must."""
         try:
-            with anyio.CancelScope() as scope:
-                self._send_scope = scope
-                if self._sm.closing and self._sm.flush:
-                    scope.deadline = self._close_deadline
-                failed = await self._write_queued()
+            result: bool | None = False
+            try:
+                with anyio.CancelScope() as scope:
+                    self._send_scope = scope
+                    if self._sm.closing and self._sm.flush:
+                        scope.deadline = self._close_deadline
+                    result = await self._write_queued()
+            finally:
+                self._send_scope = None
+                self._wakeup = None
+                if self._inflight is not None:
+                    self._inflight.close()
+                    self._inflight = None
+            if result is None or result or self._sm.state is ConnState.CLOSED:
+                return
+            await self._send_close()
+            self._finish(self._sm.reason or CloseReason.APP)
         finally:
-            self._wakeup = None  # the flusher must not write any more
-            if self._inflight is not None:
-                self._inflight.close()
-                self._inflight = None
-        self._send_scope = None
-        if failed or self._sm.state is ConnState.CLOSED:
-            return
-        await self._send_close()
-        self._finish(self._sm.reason or CloseReason.APP)
+            self._writing = False
 
-    async def _write_queued(self) -> bool:
-        """Write queued frames until the connection closes; True if a send failed.
+    async def _write_queued(self) -> bool | None:
+        """Write queued frames until the connection closes; True if a send failed,
+        None if nothing is left to write and the hub's flusher takes over.
 
         Runs inside the writer's cancel scope: a close without flush cancels it, a close
         with flush gives it a deadline. A send the flusher started and could not finish
@@ -678,6 +699,8 @@ class Connection:
                 self._count_sent(frames, text, depth)
             elif sm.closing:
                 return False
+            elif self._hub._flusher is not None:
+                return None
             else:
                 self._wakeup = anyio.Event()
                 await self._wakeup.wait()

@@ -1,0 +1,113 @@
+"""The hub's flusher: eager sends, hand-over of a send that must wait, and what an
+idle connection costs in tasks."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import anyio
+import pytest
+
+from support import Player, hub_app, serve, wait_for
+from wsroom import Connection, Hub, HubConfig
+from wsroom._flush import start_eagerly
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"  # the flusher is asyncio-only (trio's traps belong to a task)
+
+
+async def test_a_send_that_does_not_wait_completes_in_the_caller() -> None:
+    sent: list[str] = []
+
+    async def send(text: str) -> None:
+        sent.append(text)
+
+    assert start_eagerly(send("a")) is None
+    assert sent == ["a"]
+
+
+async def test_a_send_that_waits_is_finished_by_whoever_awaits_it() -> None:
+    writable = asyncio.Event()
+    sent: list[str] = []
+
+    async def send(text: str) -> str:
+        await writable.wait()
+        sent.append(text)
+        return text
+
+    pending = start_eagerly(send("b"))  # type: ignore[arg-type]
+    assert pending is not None and sent == []
+
+    async def writer() -> None:
+        await pending
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(writer)  # another task resumes it
+        await anyio.sleep(0.01)
+        assert sent == []
+        writable.set()
+    assert sent == ["b"]
+
+
+async def test_cancelling_the_awaiting_task_cancels_the_started_send() -> None:
+    cleaned: list[str] = []
+
+    async def send() -> None:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            cleaned.append("finally")
+
+    pending = start_eagerly(send())
+    assert pending is not None
+    with anyio.move_on_after(0.05):
+        await pending
+    assert cleaned == ["finally"]
+
+
+async def test_an_idle_connection_costs_no_task_of_its_own() -> None:
+    """With the flusher, the timers and a lazy dispatcher, a welcomed connection that
+    only listens runs in its ASGI task alone (uvicorn's) and still gets everything,
+    batched under load."""
+    hub = Hub(HubConfig(connect_rate_per_ip=None))
+
+    @hub.on_connect
+    async def join(conn: Connection) -> None:
+        await conn.join("lobby")
+
+    async with serve(hub_app(hub)) as url:
+        baseline = len(asyncio.all_tasks())
+        async with contextlib.AsyncExitStack() as stack:
+            players = [await stack.enter_async_context(Player.connect(url + "/ws"))
+                       for _ in range(20)]
+            await wait_for(lambda: len(hub.members("lobby")) == 20)
+            await anyio.sleep(0.1)  # writers started for the welcomes have ended
+            names = [task.get_name() for task in asyncio.all_tasks()]
+            per_connection = (len(names) - baseline) / 20
+            assert not [n for n in names if n.startswith("wsroom ") and (
+                "writer" in n or "dispatcher" in n or "reader" in n)], names
+            # uvicorn's task for the connection (running our reader) and the test's
+            # own client task per player.
+            assert per_connection <= 2, names
+            for n in range(200):
+                await hub.publish("lobby", "m", {"n": n})
+            for player in players:
+                await player.collect(200)
+                assert [m["data"]["n"] for m in player.msgs] == list(range(200))
+            stats = hub.stats()
+            assert stats.messages_out > stats.frames_out  # frames carried batches
+            # A message sent by one of them starts its dispatcher.
+            got: list[Any] = []
+
+            @hub.on("ping_me")
+            async def ping_me(ctx: Any, data: Any) -> None:
+                got.append(data)
+
+            await players[0].send("ping_me", {"x": 1})
+            await wait_for(lambda: got == [{"x": 1}])
