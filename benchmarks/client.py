@@ -47,12 +47,18 @@ class Run:
 
 
 class Client(WSListener):
-    def __init__(self, kind: str, run: Run, *, track: bool = False,
+    def __init__(self, kind: str, run: Run, *, track: bool = False, ordered: bool = False,
                  hello: dict[str, Any] | None = None) -> None:
         loop = asyncio.get_running_loop()
         self.kind = kind
         self.run = run
         self.track = track  # keep wsroom offsets
+        # Check that wsroom offsets arrive one after the other (cheaply: no JSON parsing)
+        # and note when the last frame came.
+        self.ordered = ordered
+        self.last_offset = 0
+        self.disorder = 0  # messages whose offset was not the previous one's + 1
+        self.last_at = 0.0
         self.hello = hello or {"type": "hello", "v": 1}
         self.count = 0
         self.offsets: list[int] = []
@@ -115,6 +121,12 @@ class Client(WSListener):
                 msgs.append(line)
                 if self.track:
                     self.offsets.append(json.loads(line)["offset"])
+                if self.ordered:
+                    start = line.index(b'"offset":') + 9
+                    offset = int(line[start:line.index(b",", start)])
+                    if offset != (self.last_offset or self.position) + 1:
+                        self.disorder += 1
+                    self.last_offset = offset
             elif line.startswith(b'{"type":"ping"'):
                 self._send(f'{{"type":"pong","id":{json.loads(line)["id"]}}}')
             elif line.startswith(b'{"type":"welcome"'):
@@ -127,6 +139,8 @@ class Client(WSListener):
                 if not self.ready.done():
                     self.ready.set_result(None)
         if msgs:
+            if self.ordered:
+                self.last_at = time.monotonic()
             self._got(len(msgs), msgs)
 
     def _sio(self, data: bytes) -> None:
@@ -145,7 +159,7 @@ class Client(WSListener):
         """The hello of a resume after the last message this client received."""
         return {"type": "hello", "v": 1, "resume": self.token,
                 "streams": {ROOM: {"epoch": self.epoch,
-                                    "offset": max(self.position, *self.offsets)}}}
+                                    "offset": max([self.position, *self.offsets])}}}
 
 
 def _publish_time(kind: str, raw: bytes) -> float:
@@ -162,7 +176,7 @@ def url(kind: str, port: int) -> str:
 
 
 async def connect(kind: str, port: int, run: Run, n: int, *, track: bool = False,
-                  rcvbuf: int | None = None, parallel: int = 100,
+                  ordered: bool = False, rcvbuf: int | None = None, parallel: int = 100,
                   hellos: list[dict[str, Any]] | None = None) -> list[Client]:
     """Open n connections (at most `parallel` handshakes at once); wait until ready."""
     gate = asyncio.Semaphore(parallel)
@@ -179,7 +193,8 @@ async def connect(kind: str, port: int, run: Run, n: int, *, track: bool = False
         async with gate:
             hello = hellos[i] if hellos else None
             _, client = await ws_connect(
-                lambda: Client(kind, run, track=track, hello=hello), url(kind, port),
+                lambda: Client(kind, run, track=track, ordered=ordered, hello=hello),
+                url(kind, port),
                 websocket_handshake_timeout=HANDSHAKE_TIMEOUT, socket_factory=small_socket,
                 max_frame_size=1 << 24)
             assert isinstance(client, Client)
@@ -354,7 +369,49 @@ async def storm(spec: dict[str, Any]) -> dict[str, Any]:
             "exactly_once": exact and before["complete"], "replayed": run2.received}
 
 
-SCENARIOS = {"fanout": fanout, "latency": latency, "idle": idle, "storm": storm}
+async def redis_fanout(spec: dict[str, Any]) -> dict[str, Any]:
+    """wsroom workers of one cluster (``ports``: A first), the N clients split evenly
+    between them; M messages published back to back on A. Every client must receive
+    every message, in offset order. Reports ready after the warm-up and waits for a line
+    on stdin before the measured publish (run.py samples the CPU of the workers and of
+    Redis around it)."""
+    ports, n, m = spec["ports"], spec["n"], spec["m"]
+    run = Run()
+    groups: list[list[Client]] = []
+    for i, port in enumerate(ports):
+        share = n // len(ports) + (1 if i < n % len(ports) else 0)
+        groups.append(await connect("wsroom", port, run, share, ordered=True))
+    for port, group in zip(ports, groups, strict=True):
+        await wait_members(port, len(group))  # /count: the worker's own members
+    await warm_up(ports[0], run, n)
+    print(json.dumps({"event": "ready"}), flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    clients = [c for group in groups for c in group]
+    before = {id(c): c.count for c in clients}
+    t0 = time.monotonic()
+    result = await measure(ports[0], run, n * m, f"n={m}&size={spec['size']}",
+                           spec["timeout"])
+    got = [c.count - before[id(c)] for c in clients]
+    short = sum(g < m for g in got)
+    disorder = sum(c.disorder for c in clients)
+    if short or disorder or any(g > m for g in got):
+        raise RuntimeError(
+            f"incomplete fan-out: {short} of {n} clients got fewer than {m} messages "
+            f"(least {min(got)}), {disorder} message(s) out of order "
+            f"(publish answered: {result['publish_done']})")
+    result["in_order"] = "yes"
+    result["workers"] = len(ports)
+    # Per worker: its clients' deliveries per second from the publish request to their
+    # last delivery.
+    for name, group in zip("ab", groups, strict=False):
+        last = max(c.last_at for c in group)
+        result[f"{name}_per_s"] = len(group) * m / (last - t0)
+        result[f"{name}_last_s"] = last - t0
+    return result
+
+
+SCENARIOS = {"fanout": fanout, "latency": latency, "idle": idle, "storm": storm,
+             "redis_fanout": redis_fanout}
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from .run import BASELINES, PEER, Scenario, fmt
+from .run import PEER, Scenario, fmt
 
 PLOTS = {  # plot file -> (scenario ids, metric, y label)
     "fanout.png": (("fanout_small", "fanout_large"), "per_s", "deliveries/s (higher is better)"),
@@ -40,24 +40,84 @@ def _median(runs: list[dict[str, Any]] | None, key: str) -> float | None:
     return statistics.median(values) if values else None
 
 
-def table(sc: Scenario, results: dict[str, list[dict[str, Any]]]) -> list[str]:
+def table(sc: Scenario, results: dict[str, list[dict[str, Any]]],
+          metrics: list[tuple[str, str, str]] | None = None) -> list[str]:
+    """The scenario's table (with its ratio columns), or one of other `metrics` (without)."""
     key = sc.metrics[0][0]
-    heads = ["peer", *(h for _, h, _ in sc.metrics)]
-    if sc.ratios:
-        heads += [f"× {b}" for b in BASELINES]
+    ratios = sc.ratio_columns() if metrics is None else {}
+    metrics = metrics or sc.metrics
+    heads = ["peer", *(h for _, h, _ in metrics), *ratios.values()]
     lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for name in sc.peers:
         if name not in results:
             continue
         runs = results[name]
-        row = [PEER[name].label, *(_cell(runs, k, f) for k, _, f in sc.metrics)]
-        if sc.ratios:
-            mine = _median(runs, key)
-            for base in BASELINES:
-                ref = _median(results.get(base), key)
-                row.append(f"{mine / ref:.2f}" if mine is not None and ref else "–")
+        row = [sc.label(name), *(_cell(runs, k, f) for k, _, f in metrics)]
+        mine = _median(runs, key)
+        for base in ratios:
+            ref = _median(results.get(base), key)
+            row.append(f"{mine / ref:.2f}" if mine is not None and ref else "–")
         lines.append("| " + " | ".join(row) + " |")
     return lines
+
+
+def redis_summary(results: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """What the redis_fanout tables say, in words, from their medians (a sentence is
+    left out when a number it needs is missing)."""
+    def med(name: str, key: str) -> float | None:
+        return _median(results.get(name), key)
+
+    def us(value: float) -> str:
+        return f"{value:.1f} µs"
+
+    out = []
+    mem, one, two = (med(n, "per_s") for n in ("wsroom", "wsroom-redis", "wsroom-redis-2w"))
+    if mem and one:
+        out.append(f"On one worker, the Redis backplane delivered {one:,.0f} messages/s, "
+                   f"{one / mem:.2f}× the in-memory backplane's {mem:,.0f}/s.")
+    loop_m, loop_r = med("wsroom", "loop_us"), med("wsroom-redis", "loop_us")
+    wait_m, wait_r = med("wsroom", "backplane_us"), med("wsroom-redis", "backplane_us")
+    if loop_m is not None and loop_r is not None and wait_m is not None and wait_r is not None:
+        out.append(f"Per message, A's publish loop took {us(loop_r)} on Redis against "
+                   f"{us(loop_m)} in memory; of it, A awaited the backplane's publish for "
+                   f"{us(wait_r)} on Redis against {us(wait_m)} in memory.")
+    cpu_r, script_r = med("wsroom-redis", "redis_cpu_us"), med("wsroom-redis", "script_us")
+    if wait_r is not None and cpu_r is not None and script_r is not None:
+        out.append(f"Redis itself used {us(cpu_r)} of CPU per message, {us(script_r)} of it "
+                   f"running the publish script: the rest of the {us(wait_r)} A waited is "
+                   "redis-py, the loopback round trip, the delivery to A's own clients, "
+                   "and A's event loop serving its clients before it resumed the publisher.")
+    cpu_a1, cpu_m = med("wsroom-redis", "a_cpu_us"), med("wsroom", "a_cpu_us")
+    if cpu_a1 is not None and cpu_m is not None:
+        text = (f"Worker A's own CPU per message: {us(cpu_a1)} on Redis, {us(cpu_m)} in "
+                "memory")
+        batch_r, batch_m = med("wsroom-redis", "a_batch"), med("wsroom", "a_batch")
+        if batch_r is not None and batch_m is not None:
+            text += (f"; it wrote {batch_r:.2f} messages per WebSocket frame on Redis "
+                     f"against {batch_m:.2f} in memory (every frame is a send: while the "
+                     "publisher awaits Redis, the writers catch up and send smaller "
+                     "batches)")
+        out.append(text + ".")
+    a2, b2 = med("wsroom-redis-2w", "a_per_s"), med("wsroom-redis-2w", "b_per_s")
+    if two and one and a2 and b2:
+        text = (f"With two workers sharing one core, all clients together got {two:,.0f}/s "
+                f"({two / one:.2f}× one worker on Redis): A's clients {a2:,.0f}/s and "
+                f"B's, which get every message through Redis, {b2:,.0f}/s")
+        lag = med("wsroom-redis-2w", "b_lag_ms")
+        if lag is not None:
+            text += (f"; B's last delivery came {abs(lag):,.1f} ms "
+                     f"{'after' if lag >= 0 else 'before'} A's")
+        out.append(text + ".")
+    cpu_a2, cpu_b2 = med("wsroom-redis-2w", "a_cpu_us"), med("wsroom-redis-2w", "b_cpu_us")
+    if cpu_a2 is not None and cpu_b2 is not None:
+        out.append(f"There, per message, A used {us(cpu_a2)} of CPU (publishing, and "
+                   f"delivering to its half of the clients) and B {us(cpu_b2)} (reading the "
+                   "message from Redis and delivering it to the other half).")
+    busy = [v for n in results for v in _values(results[n], "client_cpu")]
+    if busy and max(busy) > 0.9:
+        out.append(f"The load client used up to {max(busy):.0%} of its core: where it is "
+                   "near 100 %, the client, not the server, set the pace.")
+    return [" ".join(out), ""] if out else []
 
 
 def _short(value: float) -> str:
@@ -142,6 +202,12 @@ def write_report(out: Path, assets: Path, plan: list[Scenario],
         if sc.id not in results:
             continue
         lines += [f"## {sc.title}", "", sc.what, "", *table(sc, results[sc.id]), ""]
+        if sc.more is not None:
+            heading, text, metrics = sc.more
+            lines += [f"### {heading}", "", text, "", *table(sc, results[sc.id], metrics),
+                      ""]
+        if sc.id == "redis_fanout":
+            lines += redis_summary(results[sc.id])
         lines += [f"![{sc.title}]({rel}/{name})\n" for name, (ids, _, _) in PLOTS.items()
                   if name in drawn and ids[-1] == sc.id]
     lines += ["## Versions", "", "| | |", "|---|---|"]

@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import platform
+import secrets
 import shutil
 import socket
 import statistics
@@ -52,8 +53,17 @@ PEERS = [
     Peer("wsroom", "wsroom", "wsroom", "benchmarks.servers.wsroom_app:app",
          ("--ws-ping-interval", "0")),
 ]
-PEER = {p.name: p for p in PEERS}
+# wsroom on a RedisBackplane (the redis_fanout scenario only): one worker, or two worker
+# processes of one cluster. The same app serves the scenario's in-memory reference row.
+REDIS_PEERS = [
+    Peer("wsroom-redis", "wsroom, Redis backplane, 1 worker", "wsroom",
+         "benchmarks.servers.wsroom_redis:app", ("--ws-ping-interval", "0")),
+    Peer("wsroom-redis-2w", "wsroom, Redis backplane, 2 workers", "wsroom",
+         "benchmarks.servers.wsroom_redis:app", ("--ws-ping-interval", "0")),
+]
+PEER = {p.name: p for p in [*PEERS, *REDIS_PEERS]}
 BASELINES = ("websockets", "socketio")  # ratio columns
+REDIS_URL = os.environ.get("WSROOM_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
 @dataclass
@@ -64,6 +74,18 @@ class Scenario:
     metrics: list[tuple[str, str, str]]  # (key, column heading, format)
     peers: list[str] = field(default_factory=lambda: [p.name for p in PEERS])
     ratios: bool = True  # ratio columns against BASELINES (for the first metric)
+    baselines: dict[str, str] | None = None  # peer -> column heading, instead of BASELINES
+    labels: dict[str, str] = field(default_factory=dict)  # row labels, instead of PEER's
+    # A second table: (heading, text, metrics), without ratio columns.
+    more: tuple[str, str, list[tuple[str, str, str]]] | None = None
+
+    def label(self, name: str) -> str:
+        return self.labels.get(name) or PEER[name].label
+
+    def ratio_columns(self) -> dict[str, str]:
+        if not self.ratios:
+            return {}
+        return self.baselines or {b: f"× {b}" for b in BASELINES}
 
 
 def params(quick: bool) -> dict[str, dict[str, Any]]:
@@ -77,6 +99,7 @@ def params(quick: bool) -> dict[str, dict[str, Any]]:
             "idle": {"n": 100, "settle": 0.5},
             "idle_10k": {"n": 300, "window": 2.0},
             "storm": {"n": 50, "k": 20, "p": 20},
+            "redis_fanout": {"n": 20, "m": 500},
         }
     return {
         "fanout_small": {"n": 100, "m": 4000},
@@ -88,12 +111,14 @@ def params(quick: bool) -> dict[str, dict[str, Any]]:
         "idle": {"n": 1000, "settle": 3.0},
         "idle_10k": {"n": 10000, "settle": 3.0, "window": 30.0},
         "storm": {"n": 1000, "k": 50, "p": 50},
+        "redis_fanout": {"n": 100, "m": 4000},  # as fanout_small
     }
 
 
 def scenarios(p: dict[str, dict[str, Any]]) -> list[Scenario]:
     fs, fl, lat, slow = p["fanout_small"], p["fanout_large"], p["latency"], p["slow"]
     idle, big, storm = p["idle"], p["idle_10k"], p["storm"]
+    rf = p["redis_fanout"]
     return [
         Scenario("fanout_small", f"Fan-out throughput, N={fs['n']}",
                  f"{fs['n']} clients in one room; the server publishes {fs['m']} messages "
@@ -139,6 +164,49 @@ def scenarios(p: dict[str, dict[str, Any]]) -> list[Scenario]:
                  [("seconds", "seconds", ".2f"), ("welcomed_s", "all welcomed s", ".2f"),
                   ("exact", "exact replay", "s")],
                  peers=["wsroom"], ratios=False),
+        Scenario("redis_fanout", f"Fan-out through Redis, N={rf['n']}",
+                 f"wsroom on its Redis backplane (`wsroom.redis.RedisBackplane`, the Redis "
+                 f"at `{REDIS_URL}`, keys under a prefix of their own, deleted after each "
+                 f"measurement). {rf['n']} clients; the app publishes {rf['m']:,} "
+                 "messages back to back on worker A (as in the fan-out scenarios). **1 "
+                 "worker**: every client on A. **2 workers**: two uvicorn processes of one "
+                 f"cluster, {rf['n'] // 2} clients on each; B gets the messages from Redis. "
+                 "Both workers are pinned to core 0, as every server here (the load client "
+                 "has core 1): they share one core, so the 2-worker row shows what the "
+                 "second hop costs, not what a second core would give. The harness does not "
+                 "pin Redis. The reference row is the same app on the "
+                 "in-memory backplane, measured in this scenario. Deliveries/s: summed over "
+                 "all clients, from the publish request to the last delivery; per worker: "
+                 "that worker's clients, to their own last delivery. Every client must get "
+                 "every message in offset order, else the row is an error.",
+                 [("per_s", "deliveries/s", ",.0f"), ("a_per_s", "A's clients", ",.0f"),
+                  ("b_per_s", "B's clients", ",.0f"), ("client_cpu", "client CPU", ".0%"),
+                  ("in_order", "all in order", "s")],
+                 peers=["wsroom", "wsroom-redis", "wsroom-redis-2w"],
+                 baselines={"wsroom": "× in memory"},
+                 labels={"wsroom": "wsroom, in memory, 1 worker"},
+                 more=("Where the time goes",
+                       "Per published message, in µs, over the measured publish (from the "
+                       "request to the last delivery): the wall time of A's publish loop; "
+                       "of it, the time A awaited the backplane's `publish` (on Redis: the "
+                       "publish script's round trip, then the delivery to A's own clients; "
+                       "in memory: the delivery to the queues); the CPU time of worker A, "
+                       "of worker B, and of the whole Redis server (`INFO cpu`, user + "
+                       "system), and of it the time Redis spent running scripts "
+                       "(`INFO commandstats`, EVALSHA: the publish script, and the workers' "
+                       "once-a-second liveness scripts). Redis's figures are the whole "
+                       "server's: they include any other client of that Redis. Then how "
+                       "many messages each worker wrote per WebSocket frame (wsroom batches "
+                       "the messages queued for a client into one frame): each frame costs "
+                       "a send.",
+                       [("loop_us", "publish loop on A", ".1f"),
+                        ("backplane_us", "awaiting publish", ".1f"),
+                        ("a_cpu_us", "worker A CPU", ".1f"),
+                        ("b_cpu_us", "worker B CPU", ".1f"),
+                        ("redis_cpu_us", "Redis CPU", ".1f"),
+                        ("script_us", "Redis, in scripts", ".1f"),
+                        ("a_batch", "msgs/frame A", ".2f"),
+                        ("b_batch", "msgs/frame B", ".2f")])),
     ]
 
 
@@ -169,7 +237,8 @@ def raise_nofile() -> None:
 
 
 @contextlib.contextmanager
-def server(peer: Peer, log: Path) -> Iterator[tuple[int, int]]:
+def server(peer: Peer, log: Path,
+           env: dict[str, str] | None = None) -> Iterator[tuple[int, int]]:
     """A fresh server process pinned to its core; yields (port, pid)."""
     port = free_port()
     if peer.app is None:
@@ -179,7 +248,7 @@ def server(peer: Peer, log: Path) -> Iterator[tuple[int, int]]:
                "--port", str(port), "--ws", "websockets-sansio", "--loop", loop_name(),
                "--backlog", "4096", "--log-level", "warning", "--no-access-log",
                *peer.uvicorn_args]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     with log.open("a") as out:
         proc = subprocess.Popen(pinned(SERVER_CORE, cmd), cwd=ROOT, env=env, stdout=out,
                                 stderr=subprocess.STDOUT)
@@ -227,6 +296,17 @@ class LoadClient:
             raise RuntimeError(f"load client failed (exit {self.proc.returncode}), "
                                f"see {self.log}")
         return dict(json.loads(line))
+
+    def go(self) -> None:
+        """Answer a "ready": the client goes on."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
     def finish(self, timeout: float) -> dict[str, Any]:
         assert self.proc.stdin is not None
@@ -307,8 +387,103 @@ def idle(peer: Peer, p: dict[str, Any], log: Path) -> dict[str, Any]:
             "cpu_pct": 100 * busy / (t1 - t0) if t1 > t0 else 0.0}
 
 
+def redis_client() -> Any:
+    import redis
+    return redis.Redis.from_url(REDIS_URL, socket_timeout=5, socket_connect_timeout=2,
+                                decode_responses=True)
+
+
+def redis_counters(client: Any) -> tuple[float, int]:
+    """Redis's CPU seconds (user + system, every thread) and the µs it spent in EVALSHA."""
+    cpu = client.info("cpu")
+    stats = client.info("commandstats").get("cmdstat_evalsha", {})
+    return (float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]),
+            int(stats.get("usec", 0)))
+
+
+def delete_prefix(prefix: str) -> None:
+    client = redis_client()
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+        for start in range(0, len(keys), 1000):
+            client.delete(*keys[start:start + 1000])
+    finally:
+        client.close()
+
+
+def get_json(port: int, path: str) -> Any:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as answer:
+        return json.loads(answer.read())
+
+
+def cpu_seconds(proc: Any) -> float:
+    times = proc.cpu_times()
+    return float(times.user + times.system)
+
+
+def redis_fanout(name: str, p: dict[str, Any], log: Path) -> dict[str, Any]:
+    """The same app on the in-memory backplane (`name` wsroom) or on Redis, with one
+    worker or two; the CPU of the workers and of Redis around the measured publish."""
+    import psutil
+    on_redis = name != "wsroom"
+    workers = 2 if name == "wsroom-redis-2w" else 1
+    prefix = f"wsroom-bench-{secrets.token_hex(6)}"
+    env = {"WSROOM_BENCH_BACKPLANE": "redis" if on_redis else "memory",
+           "WSROOM_REDIS_URL": REDIS_URL, "WSROOM_BENCH_REDIS_PREFIX": prefix,
+           "WSROOM_BENCH_RESUME_SECRET": secrets.token_urlsafe(32)}
+    rc = redis_client() if on_redis else None
+    m = p["m"]
+    try:
+        if rc is not None:
+            rc.ping()  # a clear error if Redis is not there
+        with contextlib.ExitStack() as stack:
+            servers = [stack.enter_context(server(PEER["wsroom-redis"], log, env))
+                       for _ in range(workers)]
+            procs = [psutil.Process(pid) for _, pid in servers]
+            spec = {"kind": "wsroom", "scenario": "redis_fanout", "size": SIZE,
+                    "ports": [port for port, _ in servers], "n": p["n"], "m": m,
+                    "timeout": p.get("timeout", 120)}
+            client = LoadClient(spec, log)
+            try:
+                client.event(300)  # connected, warmed up
+                before = [get_json(port, "/timing") for port, _ in servers]
+                cpu0 = [cpu_seconds(proc) for proc in procs]
+                redis0 = redis_counters(rc) if rc is not None else None
+                client.go()
+                result = client.event(300)
+                cpu1 = [cpu_seconds(proc) for proc in procs]
+                redis1 = redis_counters(rc) if rc is not None else None
+                after = [get_json(port, "/timing") for port, _ in servers]
+                client.proc.wait(30)
+            finally:
+                client.kill()
+    finally:
+        if rc is not None:
+            rc.close()
+            delete_prefix(prefix)
+    timing = after[0]
+    if timing["n"] != m:
+        raise RuntimeError(f"worker A's last publish loop was of {timing['n']} messages, "
+                           f"not {m}")
+    us = 1e6 / m
+    result.update(loop_us=timing["loop_s"] * us, backplane_us=timing["backplane_s"] * us,
+                  a_cpu_us=(cpu1[0] - cpu0[0]) * us)
+    for worker, t0, t1 in zip("ab", before, after, strict=False):
+        frames = t1["frames_out"] - t0["frames_out"]
+        if frames:
+            result[f"{worker}_batch"] = (t1["messages_out"] - t0["messages_out"]) / frames
+    if workers > 1:
+        result["b_cpu_us"] = (cpu1[1] - cpu0[1]) * us
+    if redis0 is not None and redis1 is not None:
+        result.update(redis_cpu_us=(redis1[0] - redis0[0]) * us,
+                      script_us=(redis1[1] - redis0[1]) / m)
+    return result
+
+
 def measure(scenario: str, peer: Peer, p: dict[str, Any], log: Path) -> dict[str, Any]:
     """One repetition of one scenario against one peer, each run on a fresh server."""
+    if scenario == "redis_fanout":
+        return redis_fanout(peer.name, p, log)
     if scenario in ("fanout_small", "fanout_large"):
         return fanout(peer, p, log, slow=False)
     if scenario == "slow":
@@ -351,6 +526,8 @@ def derived(scenario: str, r: dict[str, Any]) -> dict[str, Any]:
         r["outcome"] = outcome(r)
     if scenario == "storm":
         r["exact"] = "yes" if r["exactly_once"] and r["recovered"] == r["clients"] else "NO"
+    if scenario == "redis_fanout" and "b_last_s" in r:
+        r["b_lag_ms"] = 1000 * (r["b_last_s"] - r["a_last_s"])
     return r
 
 
@@ -365,14 +542,22 @@ def fmt(value: Any, spec: str) -> str:
     return format(value, spec)
 
 
-def versions() -> dict[str, str]:
+def versions(redis_server: bool = False) -> dict[str, str]:
     out = {"python": platform.python_version(), "loop": loop_name(),
            "machine": f"{platform.system()} {platform.release()} {platform.machine()}, "
                       f"{os.cpu_count()} CPUs"}
     for dist in ("wsroom", "uvicorn", "starlette", "websockets", "python-socketio",
-                 "python-engineio", "picows", "uvloop", "httptools", "matplotlib"):
+                 "python-engineio", "picows", "uvloop", "httptools", "matplotlib",
+                 "redis"):
         with contextlib.suppress(metadata.PackageNotFoundError):
             out[dist] = metadata.version(dist)
+    if redis_server:
+        with contextlib.suppress(Exception):
+            client = redis_client()
+            try:
+                out["Redis server"] = str(client.info("server")["redis_version"])
+            finally:
+                client.close()
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         out["wsroom commit"] = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
@@ -418,7 +603,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"{ {k: r[k] for k, _, _ in sc.metrics if k in r} or r} "
                       f"({time.monotonic() - t:.1f} s)", flush=True)
     from .report import write_report
-    meta = {"versions": versions(), "reps": reps, "quick": args.quick, "params": p,
+    meta = {"versions": versions(redis_server="redis_fanout" in results), "reps": reps,
+            "quick": args.quick, "params": p,
             "seconds": time.monotonic() - started,
             "date": time.strftime("%Y-%m-%d %H:%M %Z")}
     (assets / "results.json").write_text(json.dumps({"meta": meta, "results": results},
