@@ -42,7 +42,8 @@ async def test_a_send_that_waits_is_finished_by_whoever_awaits_it() -> None:
         return text
 
     pending = start_eagerly(send("b"))  # type: ignore[arg-type]
-    assert pending is not None and sent == []
+    assert pending is not None
+    assert sent == []
 
     async def writer() -> None:
         await pending

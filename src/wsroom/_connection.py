@@ -100,6 +100,7 @@ log = logging.getLogger("wsroom.connection")
 T = TypeVar("T")
 
 _SEND_FAILURE_GRACE = 1.0
+_NO_REPLAY: deque[str] = deque(maxlen=0)  # shared while there is no replay (saves a deque)
 _FLUSH_FRAMES = 4  # frames the flusher writes for one connection before the writer takes over
 """Seconds a failed send waits for the reader to report the peer's close."""
 
@@ -200,6 +201,7 @@ class Connection:
         "_timer_at",
         "_transport",
         "_wakeup",
+        "_welcome_event",
         "_welcomed",
         "_writing",
         "client_address",
@@ -229,7 +231,8 @@ class Connection:
         self._dirty = False  # scheduled with the hub's flusher
         self._inflight: Continuation | None = None  # a send the flusher started
         self._send_error: Exception | None = None  # a send the flusher saw fail
-        self._welcomed = anyio.Event()
+        self._welcomed = False
+        self._welcome_event: anyio.Event | None = None  # only if someone waits for it
         self._scope: anyio.CancelScope | None = None
         self._send_scope: anyio.CancelScope | None = None
         self.meta: dict[str, Any] = {}
@@ -239,7 +242,7 @@ class Connection:
         self._pending_bytes = 0
         self._positions: dict[str, tuple[str, int]] = {}  # stream -> (epoch, offset)
         self._starting: dict[str, list[tuple[Envelope, Policy, bool]]] = {}
-        self._replay: deque[str] = deque()
+        self._replay: deque[str] = _NO_REPLAY  # a deque of its own for the welcome
         self._final_rooms: frozenset[str] | None = None
         self._close_reason_text = ""
         self._close_deadline = math.inf
@@ -301,7 +304,7 @@ class Connection:
     def _metrics_state(self) -> str:
         if self._sm.closing:
             return "closing"
-        return "open" if self._welcomed.is_set() else "handshake"
+        return "open" if self._welcomed else "handshake"
 
     @property
     def close_code(self) -> int | None:
@@ -475,7 +478,7 @@ class Connection:
         if self._writing or not queue:
             return  # a running writer takes what is queued
         if (self._sm.state is not ConnState.OPEN or self._replay
-                or not self._welcomed.is_set()):
+                or not self._welcomed):
             self._wake_writer()
             return
         batch_bytes = self._batch_bytes()
@@ -682,7 +685,7 @@ class Connection:
                     return True
                 continue
             state = sm.state
-            if (queue or self._replay) and self._welcomed.is_set() and (
+            if (queue or self._replay) and self._welcomed and (
                     state is ConnState.OPEN or sm.flush):
                 # The welcome and the replay go first, but a ping does not wait
                 # behind a long replay.
@@ -730,6 +733,8 @@ class Connection:
                 break
             out.append(replay.popleft())
             total += 1 + size
+        if not replay:
+            self._replay = _NO_REPLAY
         return out
 
     async def _send_close(self) -> None:
@@ -834,7 +839,7 @@ class Connection:
     def _confirm(self) -> None:
         """A frame after the welcome: the client holds the newest resume token."""
         session = self._session
-        if (session is not None and session.connection is self and self._welcomed.is_set()
+        if (session is not None and session.connection is self and self._welcomed
                 and session.confirm() and self._hub._cluster is not None):
             self._hub._cluster.session_changed(session)
 
@@ -1033,7 +1038,7 @@ class Connection:
         if self._resumed:
             result = "recovered" if all(p.recovered for p in plans) else "not_recovered"
             hub._stats.resumes[result] += 1
-        replay = self._replay
+        replay = self._replay = deque()
         replay.append(welcome_frame(
             session=session.id, resume=token, ping_interval=hub.config.ping_interval,
             pong_timeout=hub.config.pong_timeout,
@@ -1054,7 +1059,9 @@ class Connection:
         replayed = sum(len(p.frames) for p in plans if p.recovered)
         log.info("%s: welcomed, resumed=%s rooms=%d replayed=%d", self._tag(),
                  self._resumed, len(plans) - 1, replayed)
-        self._welcomed.set()
+        self._welcomed = True
+        if self._welcome_event is not None:
+            self._welcome_event.set()
         self._wake_writer()
         self._hub._timers.schedule(self, anyio.current_time())  # the heartbeat begins
 
@@ -1066,7 +1073,7 @@ class Connection:
         if self._sm.closing:
             return None
         heartbeat = self._heartbeat
-        if heartbeat is None or not self._welcomed.is_set():
+        if heartbeat is None or not self._welcomed:
             if self._hook_deadline == math.inf:  # no hello yet
                 self._request_close(CloseReason.HANDSHAKE_TIMEOUT)
                 return None
@@ -1094,7 +1101,10 @@ class Connection:
 
     async def _dispatcher(self, inbox: MemoryObjectReceiveStream[Msg]) -> None:
         with inbox:
-            await self._welcomed.wait()  # messages sent before the welcome wait for it
+            if not self._welcomed:  # messages sent before the welcome wait for it
+                if self._welcome_event is None:
+                    self._welcome_event = anyio.Event()
+                await self._welcome_event.wait()
             async for frame in inbox:
                 if self._sm.closing:
                     return

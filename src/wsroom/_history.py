@@ -18,6 +18,9 @@ from ._queue import frame_size
 __all__ = ["HistoryLimits", "Recovery", "StreamHistory"]
 
 
+_EMPTY: deque[tuple[int, float, str, int]] = deque(maxlen=0)  # shared, always empty
+
+
 @dataclass(frozen=True, slots=True)
 class HistoryLimits:
     """How much of a stream is kept for replay.
@@ -70,7 +73,8 @@ class StreamHistory:
         self.epoch = epoch
         self.limits = limits
         self.offset = offset
-        self._items: deque[tuple[int, float, str, int]] = deque()
+        # A deque of its own from the first message: most personal streams stay empty.
+        self._items: deque[tuple[int, float, str, int]] = _EMPTY
         self._bytes = 0
 
     def __len__(self) -> int:
@@ -90,6 +94,8 @@ class StreamHistory:
         if offset != self.offset + 1:
             raise ValueError(f"offset {offset} does not follow {self.offset}")
         size = frame_size(frame)
+        if self._items is _EMPTY:
+            self._items = deque()
         self._items.append((offset, now, frame, size))
         self._bytes += size
         self.offset = offset

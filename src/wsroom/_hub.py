@@ -846,7 +846,7 @@ class Hub:
         assert self._cluster is not None
         for session in self._sessions.all():
             conn = session.connection
-            if conn is None or not conn._welcomed.is_set():
+            if conn is None or not conn._welcomed:
                 continue
             self._cluster.session_changed(session)
             for room in sorted(self._rooms.rooms_of(session)):
@@ -941,7 +941,7 @@ class Hub:
         size = frame_size(frame)
         for session in target.members:
             conn = session.connection
-            if conn is not None and conn is not skip and conn._welcomed.is_set():
+            if conn is not None and conn is not skip and conn._welcomed:
                 conn._push_personal(frame, size)
 
     def _deliver(self, envelope: Envelope) -> None:

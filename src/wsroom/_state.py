@@ -159,20 +159,24 @@ _TRANSITIONS: dict[tuple[ConnState, str], ConnState] = {
 class ConnectionStateMachine:
     """Lifecycle of one connection, with the first close reason recorded."""
 
-    __slots__ = ("close_code", "reason", "state")
+    __slots__ = ("close_code", "closing", "reason", "state")
 
     def __init__(self) -> None:
         self.state = ConnState.CONNECTING
+        self.closing = False
+        """True once a close was requested or the connection finished (an attribute,
+        not a property: it is read on every delivery)."""
         self.reason: CloseReason | None = None
         self.close_code: int | None = None
 
     def _go(self, event: str) -> None:
         try:
-            self.state = _TRANSITIONS[(self.state, event)]
+            state = self.state = _TRANSITIONS[(self.state, event)]
         except KeyError:
             raise IllegalTransition(
                 f"cannot {event} a connection in state {self.state.value}"
             ) from None
+        self.closing = state is ConnState.CLOSING or state is ConnState.CLOSED
 
     def accept(self) -> None:
         """The WebSocket handshake completed; the `hello` is awaited."""
@@ -204,11 +208,6 @@ class ConnectionStateMachine:
             self.reason = reason
             self.close_code = None
         self._go(_FINISH)
-
-    @property
-    def closing(self) -> bool:
-        """True once a close was requested or the connection finished."""
-        return self.state in (ConnState.CLOSING, ConnState.CLOSED)
 
     @property
     def flush(self) -> bool:
