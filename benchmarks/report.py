@@ -120,6 +120,74 @@ def redis_summary(results: dict[str, list[dict[str, Any]]]) -> list[str]:
     return [" ".join(out), ""] if out else []
 
 
+def _ratio(results: dict[str, dict[str, list[dict[str, Any]]]], sc: str, key: str,
+           base: str) -> float | None:
+    mine = _median(results.get(sc, {}).get("wsroom"), key)
+    ref = _median(results.get(sc, {}).get(base), key)
+    return mine / ref if mine is not None and ref else None
+
+
+def targets(results: dict[str, dict[str, list[dict[str, Any]]]]) -> list[str]:
+    """The performance targets of the issue that asked for this harness, each with what
+    this run measured and whether it is met (computed here, never written by hand)."""
+    rows: list[tuple[str, str, bool | None]] = []
+
+    def ratio_row(what: str, sc: str, key: str, base: str, bound: float,
+                  at_least: bool) -> None:
+        value = _ratio(results, sc, key, base)
+        if sc not in results:
+            return
+        if value is None:
+            rows.append((what, "not measured", None))
+            return
+        met = value >= bound if at_least else value <= bound
+        rows.append((what, f"{value:.2f}×", met))
+
+    for sc in ("fanout_small", "fanout_large"):
+        title = "N=100" if sc == "fanout_small" else "N=1,000"
+        ratio_row(f"fan-out {title} ≥ 1.0× websockets", sc, "per_s", "websockets", 1.0, True)
+        ratio_row(f"fan-out {title} ≥ 3.5× python-socketio", sc, "per_s", "socketio", 3.5,
+                  True)
+    ratio_row("p99 latency ≤ 1.3× websockets", "latency", "p99_ms", "websockets", 1.3, False)
+    slow = results.get("slow", {}).get("wsroom")
+    if slow:
+        relative = _median(slow, "relative")
+        rows.append(("one client never reads: the others ≥ 0.95× without it",
+                     "not measured" if relative is None else f"{relative:.2f}×",
+                     None if relative is None else relative >= 0.95))
+        runs = [run.get("slow") or {} for run in slow]
+        exact = [run.get("close_code") == 3008 and bool(run.get("exactly_once"))
+                 for run in runs]
+        rows.append(("the slow one is closed 3008 and its resume replays every message "
+                     "exactly once", f"{sum(exact)}/{len(exact)} repetitions", all(exact)))
+    idle = _median(results.get("idle", {}).get("wsroom"), "kib_per_conn")
+    if idle is not None:
+        rows.append(("idle memory ≤ 24 KiB/connection", f"{idle:.1f} KiB", idle <= 24))
+    big = results.get("idle_10k", {}).get("wsroom")
+    if big:
+        cpu, rss = _median(big, "cpu_pct"), _median(big, "rss_mib")
+        if cpu is not None:
+            rows.append(("10,000 idle: heartbeat CPU < 5% of a core", f"{cpu:.2f}%", cpu < 5))
+        if rss is not None:
+            rows.append(("10,000 idle: RSS < 300 MB", f"{rss * 1.048576:.0f} MB ({rss:.0f} MiB)",
+                         rss * 1.048576 < 300))
+    redis = results.get("redis_fanout", {})
+    if redis:
+        two = _median(redis.get("wsroom-redis-2w"), "per_s")
+        rows.append(("Redis backplane: cross-worker fan-out reported",
+                     "not measured" if two is None else f"{two:,.0f} deliveries/s (2 workers)",
+                     None if two is None else True))
+    if not rows:
+        return []
+    mark = {True: "met", False: "**not met**", None: "–"}
+    lines = ["## Targets", "",
+             "The targets set for wsroom (with all its guarantees on), from this run's "
+             "medians; the sections below have the detail.", "",
+             "| target | this run | |", "|---|---|---|"]
+    lines += [f"| {what} | {value} | {mark[met]} |" for what, value, met in rows]
+    return [*lines, ""]
+
+
 def _short(value: float) -> str:
     return f"{value / 1000:.0f}k" if value >= 10_000 else f"{value:.3g}"
 
@@ -196,6 +264,10 @@ def write_report(out: Path, assets: Path, plan: list[Scenario],
         "`publish` does it itself).",
         "",
     ]
+    lines += targets(results)
+    history = Path(__file__).with_name("HISTORY.md")
+    if history.exists() and not meta["quick"]:
+        lines += [history.read_text().rstrip(), ""]
     drawn = {name for name, (ids, key, ylabel) in PLOTS.items()
              if plot(assets / name, plan, results, ids, key, ylabel)}
     for sc in plan:

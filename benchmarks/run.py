@@ -248,7 +248,10 @@ def server(peer: Peer, log: Path,
                "--port", str(port), "--ws", "websockets-sansio", "--loop", loop_name(),
                "--backlog", "4096", "--log-level", "warning", "--no-access-log",
                *peer.uvicorn_args]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    # WSROOM_BENCH_SRC: measure the wsroom of another checkout (its src/ folder), e.g.
+    # to see what a change bought.
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("WSROOM_BENCH_SRC")) if p)
+    env = {**os.environ, "PYTHONPATH": path, **(env or {})}
     with log.open("a") as out:
         proc = subprocess.Popen(pinned(SERVER_CORE, cmd), cwd=ROOT, env=env, stdout=out,
                                 stderr=subprocess.STDOUT)
@@ -558,10 +561,17 @@ def versions(redis_server: bool = False) -> dict[str, str]:
                 out["Redis server"] = str(client.info("server")["redis_version"])
             finally:
                 client.close()
+    source = os.environ.get("WSROOM_BENCH_SRC")
     with contextlib.suppress(OSError, subprocess.SubprocessError):
-        out["wsroom commit"] = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-            text=True, check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=source or ROOT,
+            capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "src"], cwd=source or ROOT,
+            capture_output=True, text=True, check=True).stdout.strip()
+        out["wsroom commit"] = commit + (" + uncommitted changes in src/" if dirty else "")
+    if source:
+        out["wsroom source"] = source
     return out
 
 
