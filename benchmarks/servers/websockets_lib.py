@@ -42,8 +42,11 @@ async def process_request(connection: ServerConnection, request):  # type: ignor
 
 
 async def main(port: int) -> None:
+    # open_timeout=None: /publish is answered in process_request, i.e. during that
+    # request's opening handshake, and a long publish loop (N=1,000: over 10 s) must
+    # not be cut by the default 10 s handshake timeout (it was, in the first runs).
     async with serve(handler, "127.0.0.1", port, process_request=process_request,
-                     max_size=2**20, backlog=4096) as server:
+                     max_size=2**20, backlog=4096, open_timeout=None) as server:
         await server.serve_forever()
 
 
