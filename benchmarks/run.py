@@ -584,7 +584,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=None, help="repetitions (default 3, quick 1)")
     ap.add_argument("--only", nargs="*", help="scenario ids to run")
     ap.add_argument("--peers", nargs="*", help="peers to run")
+    ap.add_argument("--report-from", type=Path, metavar="RESULTS_JSON",
+                    help="measure nothing: write the report (and plots) again from the "
+                         "results.json of an earlier run (e.g. after a report change)")
     args = ap.parse_args(argv)
+    if args.report_from is not None:
+        from .report import write_report
+        saved = json.loads(args.report_from.read_text())
+        meta, results = saved["meta"], saved["results"]
+        plan = [s for s in scenarios(meta["params"]) if s.id in results]
+        out = args.out.resolve()
+        write_report(out, out.parent / out.stem, plan, results, meta)
+        print(f"wrote {out} from {args.report_from}")
+        return 0
     reps = args.reps or (1 if args.quick else 3)
     p = params(args.quick)
     plan = [s for s in scenarios(p) if not args.only or s.id in args.only]
