@@ -10,9 +10,11 @@ from typing import Any
 import anyio
 import pytest
 
-from support import Player, hub_app, serve, wait_for
-from wsroom import Connection, Hub, HubConfig
+from support import MemoryTransport, Peer, Player, hub_app, serve, wait_for
+from wsroom import CloseCode, Connection, Hub, HubConfig
 from wsroom._flush import start_eagerly
+from wsroom._protocol import parse_client_frame
+from wsroom._state import CloseReason
 
 pytestmark = pytest.mark.anyio
 
@@ -112,3 +114,64 @@ async def test_an_idle_connection_costs_no_task_of_its_own() -> None:
 
             await players[0].send("ping_me", {"x": 1})
             await wait_for(lambda: got == [{"x": 1}])
+
+
+class _StuckTransport(MemoryTransport):
+    """Once `stuck`, a send of a room message never completes (a client that stopped
+    reading), and the first such send asks the connection to close without flushing:
+    from inside the send, i.e. after the flusher started it and before any writer task
+    has run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conn: Connection | None = None
+        self.stuck = False
+
+    async def send(self, text: str) -> None:
+        if self.stuck and '"type":"msg"' in text:
+            self.stuck = False
+            assert self.conn is not None
+            self.conn._request_close(CloseReason.SLOW_CONSUMER)
+            await anyio.sleep_forever()
+        await super().send(text)
+
+
+async def test_a_close_that_does_not_flush_abandons_a_send_the_flusher_handed_over() -> None:
+    hub = Hub(HubConfig(close_timeout=1))
+
+    @hub.on_connect
+    async def join(conn: Connection) -> None:
+        await conn.join("lobby")
+
+    transport = _StuckTransport()
+    peer = Peer(transport)
+    conn = transport.conn = Connection(hub, transport)
+    async with hub.run(), anyio.create_task_group() as tg:
+        tg.start_soon(conn._run)
+        tg.start_soon(peer.pump)
+        await transport.client_send({"type": "hello", "v": 1})
+        await wait_for(lambda: any(f["type"] == "welcome" for f in peer.frames))
+        transport.stuck = True
+        await hub.publish("lobby", "m", {"n": 1})
+        # The writer started for the close must not wait for the stuck send.
+        assert await peer.wait_closed(timeout=5) == CloseCode.SLOW_CONSUMER
+        tg.cancel_scope.cancel()
+    transport.close_streams()
+    assert hub.stats().closes == {"slow_consumer": 1}
+
+
+async def test_the_reader_takes_a_stopped_dispatcher_as_the_end() -> None:
+    """The dispatcher stops when the connection closes and closes its end of the inbox;
+    a reader that was about to hand it a message (it checked the state just before)
+    must take that as the end, not crash the connection's task group."""
+    hub = Hub()
+    async with hub.run(), anyio.create_task_group() as tg:
+        transport = MemoryTransport()
+        conn = Connection(hub, transport)
+        send, receive = anyio.create_memory_object_stream[Any](1)
+        conn._inbox_send = send
+        receive.close()  # what the dispatcher does when it stops
+        frame = parse_client_frame('{"type":"msg","event":"work","data":1}')
+        await conn._to_dispatcher(frame, tg)  # type: ignore[arg-type]
+        send.close()
+        transport.close_streams()

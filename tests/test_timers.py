@@ -42,9 +42,12 @@ async def test_due_times_are_served_in_order_and_rescheduling_replaces() -> None
         timers.schedule(a, start + 0.05)  # in the past: served at once, again
         await anyio.sleep(0.3)
         tg.cancel_scope.cancel()
-    assert [name for name, _ in log] == ["a", "a", "b", "c"]
-    for (name, served), due in zip(log, [0.1, 0.12, 0.2, 0.3], strict=True):
-        assert served >= start + due - RESOLUTION, name
+    # (Where the second "a" falls among the others depends on how late this task woke.)
+    assert sorted(name for name, _ in log) == ["a", "a", "b", "c"]
+    first = {name: served for name, served in reversed(log)}
+    assert first["a"] < first["b"] < first["c"]  # in order of their due times
+    for name, due in (("a", 0.1), ("b", 0.2), ("c", 0.3)):  # never early; c once, at 0.3
+        assert first[name] >= start + due, name
 
 
 async def test_a_deadline_just_ahead_of_now_does_not_spin() -> None:

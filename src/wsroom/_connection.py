@@ -13,8 +13,10 @@ it never returns before everything the connection held is released.
   each send started eagerly and completed without waiting when the socket can take it.
   Everything else is the **writer**'s: a send that must wait (a slow client), the
   welcome and its replay, a backlog, and finally the close frame. Sends never
-  overlap: the flusher writes only while the writer is parked, and hands it any send
-  that suspends. Several queued frames go out as one WebSocket frame.
+  overlap: the flusher writes only while no writer task exists, and starts one and
+  hands it any send that suspends. The writer task exists only while it has work
+  (on trio, where there is no flusher, it runs for the connection's whole life).
+  Several queued frames go out as one WebSocket frame.
 - The **reader** receives frames, checks their size before parsing, answers pongs,
   runs the `hello` handshake, and hands application messages to the dispatcher
   through a small bounded inbox. While that inbox is full the reader waits (TCP
@@ -39,7 +41,9 @@ a duplicate is dropped, a hole closes the connection with 3010 so the client res
 
 Every way out funnels into two methods. `_request_close(reason)` records the first
 reason (the state machine keeps it), drops the queue unless the reason flushes, and
-wakes the writer, which sends the close frame (bounded by ``close_timeout``) and
+has the writer run (waking or starting it; a writer started after a close that does not
+flush sends nothing but the close frame), which sends the close frame (bounded by
+``close_timeout``) and
 cancels the task group. `_finish(reason)` is for ends where nothing more can be sent
 (peer closed, socket error): it cancels the task group at once. `_run`'s ``finally``
 then calls `_release` exactly once: the hub forgets the connection, its rooms drop it,
@@ -100,9 +104,9 @@ log = logging.getLogger("wsroom.connection")
 T = TypeVar("T")
 
 _SEND_FAILURE_GRACE = 1.0
+"""Seconds a failed send waits for the reader to report the peer's close."""
 _NO_REPLAY: deque[str] = deque(maxlen=0)  # shared while there is no replay (saves a deque)
 _FLUSH_FRAMES = 4  # frames the flusher writes for one connection before the writer takes over
-"""Seconds a failed send waits for the reader to report the peer's close."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -449,8 +453,9 @@ class Connection:
                 wakeup.set()
             return  # else it is running: it takes what is queued
         flusher = self._hub._flusher
-        if flusher is None:
-            return  # not started yet, or ended
+        if flusher is None:  # the hub stopped its flusher (or never had one: trio)
+            self._wake_writer()
+            return
         if self._dirty:
             flusher.touch()
         else:
@@ -468,7 +473,10 @@ class Connection:
         tg = self._tg
         if tg is not None and self._sm.state is not ConnState.CLOSED:
             self._writing = True
-            tg.start_soon(self._writer, name=f"wsroom writer {self.id}")
+            try:
+                tg.start_soon(self._writer, name=f"wsroom writer {self.id}")
+            except RuntimeError:  # the task group is ending (trio closes it to new tasks)
+                self._writing = False
 
     def _flush(self) -> None:
         """Called by the hub's flusher: write what is queued from the flusher's task
@@ -486,12 +494,12 @@ class Connection:
             frames = (queue.pop_control() if queue.control_queued else None
                       ) or queue.pop_batch(batch_bytes)
             text = frames[0] if len(frames) == 1 else "\n".join(frames)
-            self._count_sent(frames, text, len(queue) + len(frames))
             try:
                 pending = start_eagerly(self._transport.send(text))
             except Exception as exc:
                 self._send_error = exc
                 break
+            self._count_sent(frames, text, len(queue) + len(frames))
             if pending is not None:  # the socket's buffer is full: the writer waits
                 self._inflight = pending
                 break
@@ -641,8 +649,14 @@ class Connection:
             try:
                 with anyio.CancelScope() as scope:
                     self._send_scope = scope
-                    if self._sm.closing and self._sm.flush:
-                        scope.deadline = self._close_deadline
+                    if self._sm.closing:
+                        # Started after the close was requested: honour it as
+                        # _request_close would have (a deadline, or stop sending now:
+                        # even a send the flusher handed over is abandoned).
+                        if self._sm.flush:
+                            scope.deadline = self._close_deadline
+                        else:
+                            scope.cancel()
                     result = await self._write_queued()
             finally:
                 self._send_scope = None
@@ -855,15 +869,20 @@ class Connection:
         if heartbeat is not None:
             heartbeat.message_received(anyio.current_time())
         try:
-            self._inbox_send.send_nowait(frame)
-        except anyio.WouldBlock:
-            if heartbeat is not None:
-                heartbeat.pause()
             try:
-                await self._inbox_send.send(frame)
-            finally:
+                self._inbox_send.send_nowait(frame)
+            except anyio.WouldBlock:
                 if heartbeat is not None:
-                    heartbeat.resume(anyio.current_time())
+                    heartbeat.pause()
+                try:
+                    await self._inbox_send.send(frame)
+                finally:
+                    if heartbeat is not None:
+                        heartbeat.resume(anyio.current_time())
+        except anyio.BrokenResourceError:
+            # The dispatcher stopped (and closed its end) because the connection is
+            # closing: the message is not handled, as any message read while closing.
+            pass
 
     def _bad(self, code: ErrorCode | str, detail: str, ref: str | int | None) -> None:
         """Answer a bad message with an error frame and charge the error budget."""
@@ -1070,6 +1089,14 @@ class Connection:
         the hello (``handshake_timeout``), then the app's hooks (``hook_timeout``:
         authenticate, on_connect and snapshots), then the heartbeat. Returns when to
         be called next."""
+        try:
+            return self._deadline_due(now)
+        except Exception:  # a bug: without deadlines the connection must not live on
+            log.exception("%s: deadline handling failed", self._tag())
+            self._request_close(CloseReason.INTERNAL_ERROR)
+            return None
+
+    def _deadline_due(self, now: float) -> float | None:
         if self._sm.closing:
             return None
         heartbeat = self._heartbeat

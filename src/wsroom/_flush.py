@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.lowlevel
 
+from ._state import CloseReason
+
 if TYPE_CHECKING:
     from ._connection import Connection
 
@@ -134,4 +136,4 @@ class Flusher:
                     conn._flush()
                 except Exception:  # a bug: that connection must not stop the others
                     log.exception("flushing a connection failed")
-                    conn._abort()
+                    conn._request_close(CloseReason.INTERNAL_ERROR)

@@ -4,9 +4,9 @@ Theory of operation
 -------------------
 A broadcast encodes its frame once and pushes the same ``str`` object onto every
 member's queue; the queue never copies it. Its consumer (the hub's flusher, or the
-connection's writer task when a send must wait: never both at once) pops everything that
-is queued (up to a byte budget) and writes it as one WebSocket frame, so a backlog costs
-one syscall instead of one per message.
+connection's writer task for a send that must wait, a backlog, the welcome and the close:
+never both at once) pops everything that is queued (up to a byte budget) and writes it as
+one WebSocket frame, so a backlog costs one syscall instead of one per message.
 
 The bound is checked on every push. When a frame does not fit, the *pushing stream's*
 policy decides what happens, and a frame is only ever discarded under the policy of the

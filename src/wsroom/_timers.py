@@ -8,7 +8,9 @@ the server's idle CPU. Here a connection only records when it wants to be called
 
 Rescheduling never searches the heap: the target remembers its current time
 (``_timer_at``) and entries that no longer match it are skipped when they come up.
-Due times within `RESOLUTION` of each other are served by one wake-up.
+The task sleeps until `RESOLUTION` after the earliest due time, so that due times close
+to each other are served by one wake-up; nothing is served before its time (a ping's
+send time is its RTT's start).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ __all__ = ["RESOLUTION", "Timed", "Timers"]
 log = logging.getLogger("wsroom")
 
 RESOLUTION = 0.01
-"""Seconds: deadlines this close to the one being served are served with it."""
+"""Seconds a due time may be served late, so that close ones share a wake-up."""
 
 
 class Timed(Protocol):
@@ -81,23 +83,21 @@ class Timers:
         while True:
             now = anyio.current_time()
             self._until = -math.inf
-            while heap and heap[0][0] <= now + RESOLUTION:
+            while heap and heap[0][0] <= now:
                 when, _, target = heapq.heappop(heap)
                 if target._timer_at != when:
                     self._stale = max(0, self._stale - 1)
                     continue  # rescheduled or cancelled since
                 target._timer_at = math.inf
-                # Served as at its own time (it may be up to RESOLUTION ahead of now),
-                # so that what it returns is later and this loop always ends.
-                served = max(now, when)
                 try:
-                    following = target._on_timer(served)
+                    following = target._on_timer(now)
                 except Exception:  # a bug: the other connections' deadlines must go on
                     log.exception("a connection's timer failed")
                     continue
                 if following is not None:
-                    self.schedule(target, max(following, served + RESOLUTION))
+                    # Never again within this pass: this loop always ends.
+                    self.schedule(target, max(following, now + RESOLUTION))
             self._until = heap[0][0] if heap else math.inf
             self._wakeup = anyio.Event()
-            with anyio.move_on_at(self._until):
+            with anyio.move_on_at(self._until + RESOLUTION):
                 await self._wakeup.wait()
