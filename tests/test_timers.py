@@ -44,7 +44,7 @@ async def test_due_times_are_served_in_order_and_rescheduling_replaces() -> None
         tg.cancel_scope.cancel()
     # (Where the second "a" falls among the others depends on how late this task woke.)
     assert sorted(name for name, _ in log) == ["a", "a", "b", "c"]
-    first = {name: served for name, served in reversed(log)}
+    first = dict(reversed(log))
     assert first["a"] < first["b"] < first["c"]  # in order of their due times
     for name, due in (("a", 0.1), ("b", 0.2), ("c", 0.3)):  # never early; c once, at 0.3
         assert first[name] >= start + due, name
