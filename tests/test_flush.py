@@ -10,7 +10,7 @@ from typing import Any
 import anyio
 import pytest
 
-from support import MemoryTransport, Peer, Player, hub_app, serve, wait_for
+from support import MemoryTransport, Player, hub_app, running, serve, wait_for
 from wsroom import CloseCode, Connection, Hub, HubConfig
 from wsroom._flush import start_eagerly
 from wsroom._protocol import parse_client_frame
@@ -144,19 +144,13 @@ async def test_a_close_that_does_not_flush_abandons_a_send_the_flusher_handed_ov
         await conn.join("lobby")
 
     transport = _StuckTransport()
-    peer = Peer(transport)
-    conn = transport.conn = Connection(hub, transport)
-    async with hub.run(), anyio.create_task_group() as tg:
-        tg.start_soon(conn._run)
-        tg.start_soon(peer.pump)
-        await transport.client_send({"type": "hello", "v": 1})
+    async with running(hub, transport=transport) as (peer, _):
         await wait_for(lambda: any(f["type"] == "welcome" for f in peer.frames))
+        (transport.conn,) = hub.connections()
         transport.stuck = True
         await hub.publish("lobby", "m", {"n": 1})
         # The writer started for the close must not wait for the stuck send.
         assert await peer.wait_closed(timeout=5) == CloseCode.SLOW_CONSUMER
-        tg.cancel_scope.cancel()
-    transport.close_streams()
     assert hub.stats().closes == {"slow_consumer": 1}
 
 
