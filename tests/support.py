@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import anyio
@@ -29,6 +30,18 @@ from starlette.types import ASGIApp
 from wsroom import Connection, Hub
 from wsroom._transport import Disconnected
 from wsroom._wsclient import ConnectionClosed, WebSocket, connect
+
+GAME_DIR = Path(__file__).resolve().parents[1] / "examples" / "fastapi_game"
+
+
+def load_game() -> ModuleType:
+    """examples/fastapi_game/app.py, imported as a user runs it (``--app-dir``)."""
+    sys.path.insert(0, str(GAME_DIR))
+    try:
+        import app as game
+    finally:
+        sys.path.remove(str(GAME_DIR))
+    return game
 
 
 def hub_app(hub: Hub, path: str = "/ws") -> Starlette:

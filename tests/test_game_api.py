@@ -7,40 +7,27 @@ The helpers here (`game_table`, `Table`) are shared with test_game_ws.py.
 from __future__ import annotations
 
 import re
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import httpx
 import pytest
 
-from support import Player, serve
+from support import GAME_DIR, Player, load_game, serve
 from wsroom import Hub, HubConfig
 from wsroom.client import Client
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
-GAME_DIR = Path(__file__).resolve().parents[1] / "examples" / "fastapi_game"
 CODE = re.compile(r"[ABCDEFGHJKMNPQRSTUVWXYZ23456789]{6}")
 
 
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"  # aiosqlite runs on asyncio only
-
-
-def load_game() -> ModuleType:
-    """examples/fastapi_game/app.py, imported as a user runs it (``--app-dir``)."""
-    sys.path.insert(0, str(GAME_DIR))
-    try:
-        import app as game
-    finally:
-        sys.path.remove(str(GAME_DIR))
-    return game
 
 
 @dataclass

@@ -12,9 +12,9 @@ import anyio
 import httpx
 import pytest
 
-from support import serve, wait_for
+from support import load_game, serve, wait_for
 from test_backplane_conformance import REDIS_URL, delete_prefix, redis_or_skip
-from test_game_api import Table, load_game
+from test_game_api import Table
 from test_game_ws import event_is, msg_where, next_message, room, seats
 from wsroom import HubConfig
 

@@ -6,34 +6,21 @@ from __future__ import annotations
 
 import json
 import socket
-import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import anyio
 import pytest
 
-from support import hub_app, serve
+from support import hub_app, load_game, serve
 from wsroom import Connection, Hub, MessageContext
 from wsroom.loadtest import Histogram, main
-
-GAME_DIR = Path(__file__).parents[1] / "examples" / "fastapi_game"
 
 
 @pytest.fixture
 def anyio_backend() -> str:
     # The CLI runs its own event loop (asyncio) in a thread; the server runs here.
     return "asyncio"
-
-
-def load_game() -> ModuleType:
-    sys.path.insert(0, str(GAME_DIR))
-    try:
-        import app as game
-    finally:
-        sys.path.remove(str(GAME_DIR))
-    return game
 
 
 def say_hub() -> Hub:

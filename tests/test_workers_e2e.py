@@ -185,6 +185,17 @@ async def eventually(predicate: Callable[[], bool], timeout: float, what: str,
     pytest.fail(f"not within {timeout}s: {what}\n{diagnose()}")
 
 
+async def start(stack: AsyncExitStack, tg: TaskGroup,
+                clients: list[Recorder]) -> None:
+    """Connect `clients`, each consuming in `tg`, and wait until all are welcomed."""
+    for client in clients:
+        await stack.enter_async_context(client)
+        tg.start_soon(client.consume)
+    with anyio.fail_after(15):
+        for client in clients:
+            await client.wait_connected()
+
+
 def http_url(server: ServerProcess) -> str:
     return server.url.replace("ws://", "http://")
 
@@ -249,12 +260,7 @@ async def test_worker_killed_clients_resume_on_another(prefix: str) -> None:
             return "\n".join(c.describe() for c in everyone) + "\n" + logs(worker_a,
                                                                             worker_b)
 
-        for client in everyone:
-            await stack.enter_async_context(client)
-            tg.start_soon(client.consume)
-        with anyio.fail_after(15):
-            for client in everyone:
-                await client.wait_connected()
+        await start(stack, tg, everyone)
 
         # 1. Everyone sees the whole roster online, wherever it is connected.
         await eventually(lambda: all(all(c.status(n) == "online" for n in names)
@@ -408,12 +414,7 @@ async def test_send_to_reaches_members_on_other_workers(prefix: str) -> None:
         cat_a = Recorder(worker_a.url + "/ws", "cat")  # one session on each worker
         cat_b = Recorder(worker_b.url + "/ws", "cat")
         clients = [ann, bob, cat_a, cat_b]
-        for client in clients:
-            await stack.enter_async_context(client)
-            tg.start_soon(client.consume)
-        with anyio.fail_after(15):
-            for client in clients:
-                await client.wait_connected()
+        await start(stack, tg, clients)
 
         def diagnose() -> str:
             return "\n".join(c.describe() for c in clients) + "\n" + logs(worker_a, worker_b)
