@@ -414,6 +414,54 @@ async def test_a_ping_read_together_with_the_close_does_not_crash_the_client() -
         tg.cancel_scope.cancel()
 
 
+async def test_a_large_message_arriving_slowly_is_not_silence() -> None:
+    """Silence is no bytes at all: a 4 KB message dribbled over ~1.6 s (a slow or lossy
+    link) to a client whose silence limit is 0.4 s is received on the same connection.
+    Afterwards the server says nothing, and the client leaves it after 0.4 s."""
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import AcceptConnection, Request, TextMessage
+
+    hellos: list[float] = []
+    dribbled: list[float] = []
+
+    async def serve_once(stream: anyio.abc.SocketStream) -> None:
+        ws = WSConnection(ConnectionType.SERVER)
+        async with stream:
+            while not hellos or len(hellos) < 1 + len(dribbled):
+                ws.receive_data(await stream.receive())
+                for event in ws.events():
+                    if isinstance(event, Request):
+                        await stream.send(ws.send(AcceptConnection()))
+                    elif isinstance(event, TextMessage):
+                        hellos.append(anyio.current_time())
+            await stream.send(ws.send(TextMessage(json.dumps(
+                welcome(interval=0.2, timeout=0.2, room=0)))))
+            if not dribbled:
+                frame = {**msg(1), "data": "x" * 4000}
+                data = ws.send(TextMessage(json.dumps(frame)))
+                for start in range(0, len(data), 256):
+                    if start:
+                        await anyio.sleep(0.1)
+                    await stream.send(data[start:start + 256])
+                dribbled.append(anyio.current_time())  # the last bytes
+            with anyio.move_on_after(5), contextlib.suppress(anyio.EndOfStream,
+                                                             anyio.BrokenResourceError):
+                while True:
+                    await stream.receive()  # until the client leaves
+
+    async with await anyio.create_tcp_listener(local_host="127.0.0.1") as listener, \
+            anyio.create_task_group() as tg:
+        port = listener.extra(anyio.abc.SocketAttribute.local_port)
+        tg.start_soon(listener.serve, serve_once)
+        async with Client(f"ws://127.0.0.1:{port}/ws", min_backoff=0.01) as client:
+            [got] = await take(client, 1)
+            assert got.data == "x" * 4000
+            assert len(hellos) == 1  # the same connection throughout
+            await wait_for(lambda: len(hellos) == 2)  # then silence: left, and back
+            assert hellos[1] - dribbled[0] >= 0.4
+        tg.cancel_scope.cancel()
+
+
 async def test_a_429_is_retried_no_sooner_than_its_retry_after() -> None:
     """Refused by a per-address rate limit (HTTP 429, Retry-After: 1), the client waits
     at least that long instead of its short backoff."""

@@ -359,7 +359,7 @@ async def test_random_loss_evicts_only_stalled_connections_and_loses_nothing(
     reconnects (through the lossy link), resumes its session, and the server replays
     what it missed: the client's one sequence of messages is 1..N, once each, in order,
     and never a snapshot (the room's history, 10,000 messages / 300 s by default, holds
-    the whole run). The client may also give up first (no frame from the server for
+    the whole run). The client may also give up first (nothing from the server for
     ping_interval + pong_timeout): the same resume follows.
 
     A stall's end can deliver a ping and the server's 3012 close in one read: the pong
@@ -447,7 +447,7 @@ async def test_random_loss_evicts_only_stalled_connections_and_loses_nothing(
             heard += end["code"] == 3012  # the close frame got out of the stall
             if end["reason"] == "dropped":  # the client gave up: a real silence
                 gave_up += 1
-                assert any("no frame from the server" in why for why in end["why"]), end
+                assert any("nothing from the server" in why for why in end["why"]), end
                 assert end["tcp"] is None or end["tcp"]["last_data_recv"] >= (
                     silence - 0.1) * 1000, f"{name} gave up although data came: {end}"
     attempts = sum(client.attempts for client in clients.values())

@@ -216,6 +216,34 @@ async def test_killed_socket_resumes_and_gets_every_missed_message_exactly_once(
             assert (hub.stats().sessions, hub.stats().connections) == (1, 1)
 
 
+async def test_the_welcome_is_a_message_of_its_own_ahead_of_a_batched_replay() -> None:
+    """A resume with 300 missed messages: the welcome arrives alone, the replay after it
+    in batches. Batched with the replay (64 KiB), the welcome would reach a client on a
+    lossy link only with the whole batch (the fault suite saw a client wait 30 s for
+    it and give up)."""
+    hub = game_hub()
+    async with serve(hub_app(hub)) as url:
+        async with Player.connect(url + "/ws") as first:
+            welcome = first.welcome
+            assert welcome is not None
+            await first.ws.abort()
+        await wait_for(lambda: hub.stats().detached_sessions == 1)
+        await publish_numbered(hub, 1, 300)
+        async with raw(url + "/ws") as second:
+            await send_hello(second.ws, welcome["resume"], Positions(welcome).streams)
+            with anyio.fail_after(10):
+                messages = [await second.ws.recv()]
+                while '"offset":300' not in messages[-1]:
+                    messages.append(await second.ws.recv())
+    lines = [[json.loads(line) for line in str(m).split("\n")] for m in messages]
+    assert [frame["type"] for frame in lines[0]] == ["welcome"]
+    assert lines[0][0]["streams"][ROOM]["recovered"] is True
+    replayed = [frame for message in lines[1:] for frame in message
+                if frame["type"] == "msg" and frame["stream"] == ROOM]
+    assert_sequence(replayed, 1, 300)
+    assert max(len(message) for message in lines[1:]) > 1  # the replay is batched
+
+
 async def test_python_client_resumes_by_itself_and_recovers_exactly_once() -> None:
     """`wsroom.client.Client`: its socket is killed while 1,000 messages are published
     (its reconnect is held in `authenticate` until they all are); it resumes on its

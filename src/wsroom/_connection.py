@@ -246,7 +246,7 @@ class Connection:
         self._pending_bytes = 0
         self._positions: dict[str, tuple[str, int]] = {}  # stream -> (epoch, offset)
         self._starting: dict[str, list[tuple[Envelope, Policy, bool]]] = {}
-        self._replay: deque[str] = _NO_REPLAY  # a deque of its own for the welcome
+        self._replay: deque[str] = _NO_REPLAY  # a deque of its own after the welcome
         self._final_rooms: frozenset[str] | None = None
         self._close_reason_text = ""
         self._close_deadline = math.inf
@@ -1057,18 +1057,23 @@ class Connection:
         if self._resumed:
             result = "recovered" if all(p.recovered for p in plans) else "not_recovered"
             hub._stats.resumes[result] += 1
-        replay = self._replay = deque()
-        replay.append(welcome_frame(
+        # The welcome is a frame of its own, ahead of everything: batched with a long
+        # replay, it would reach a client on a slow or lossy link only with the whole
+        # 64 KiB, and until then the client does not know the heartbeat it is owed.
+        self._queue.push_control(welcome_frame(
             session=session.id, resume=token, ping_interval=hub.config.ping_interval,
             pong_timeout=hub.config.pong_timeout,
             streams={p.wire: _stream_entry(p) for p in plans},
-        ))
+        ), front=True)
+        replay: deque[str] = deque()
         for plan in plans:
             if plan.snapshot is not None:
                 plan.frames = (snapshot_frame(plan.wire, plan.epoch, plan.offset,
                                               plan.snapshot[0]),)
             replay.extend(plan.frames)
         replay.extend(hub._attach_presence(session, self))
+        if replay:
+            self._replay = replay
         for envelope, policy, skip in live:
             if skip:  # excluded from it: only the position moves on
                 self._push_personal(stream_frame(envelope.stream, envelope.epoch,

@@ -77,6 +77,9 @@ class WebSocket:
         self._parts: list[str | bytes] = []
         self._closed: _Closed | None = None
         self._send_lock = anyio.Lock()
+        self.last_received = anyio.current_time()
+        """When bytes from the server last arrived (`anyio.current_time`): a large
+        message on a slow link keeps arriving long before `recv` can return it."""
 
     @property
     def closed(self) -> ConnectionClosed | None:
@@ -93,6 +96,7 @@ class WebSocket:
     async def _read_events(self) -> None:
         try:
             data = await self._stream.receive()
+            self.last_received = anyio.current_time()
         except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError,
                 OSError):
             data = None

@@ -395,10 +395,14 @@ class Client:
         silence = 30.0  # until the welcome announces the server's heartbeat
         welcomed_at: float | None = None
         while True:
-            with anyio.move_on_after(silence) as scope:
+            # Silence is no bytes at all: a large frame still arriving on a slow link
+            # is not silence (`recv` is cancel-safe: nothing read is lost).
+            with anyio.move_on_at(ws.last_received + silence) as scope:
                 raw = await ws.recv()
             if scope.cancelled_caught:
-                log.warning("no frame from the server for %.1fs: reconnecting", silence)
+                if anyio.current_time() < ws.last_received + silence:
+                    continue
+                log.warning("nothing from the server for %.1fs: reconnecting", silence)
                 return welcomed_at
             if not isinstance(raw, str):
                 continue
