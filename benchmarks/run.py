@@ -97,7 +97,7 @@ def params(quick: bool) -> dict[str, dict[str, Any]]:
             "latency": {"n": 20, "rate": 20, "m": 20},
             "slow": {"n": 5, "m": 2000, "timeout": 5},
             "idle": {"n": 100, "settle": 0.5},
-            "idle_10k": {"n": 300, "window": 2.0},
+            "idle_10k": {"n": 300, "window": 2.0, "steady_after": 1.0},
             "storm": {"n": 50, "k": 20, "p": 20},
             "redis_fanout": {"n": 20, "m": 500},
         }
@@ -109,7 +109,9 @@ def params(quick: bool) -> dict[str, dict[str, Any]]:
         # socket's send buffer autotunes up to net.ipv4.tcp_wmem's max, 4 MiB here).
         "slow": {"n": 20, "m": 40000, "timeout": 60},
         "idle": {"n": 1000, "settle": 3.0},
-        "idle_10k": {"n": 10000, "settle": 3.0, "window": 30.0},
+        # Two windows: right after the ramp, and steady (a minute later), each 30 s (one
+        # whole heartbeat cycle).
+        "idle_10k": {"n": 10000, "settle": 3.0, "window": 30.0, "steady_after": 60.0},
         "storm": {"n": 1000, "k": 50, "p": 50},
         "redis_fanout": {"n": 100, "m": 4000},  # as fanout_small
     }
@@ -152,8 +154,15 @@ def scenarios(p: dict[str, dict[str, Any]]) -> list[Scenario]:
                  [("kib_per_conn", "KiB/connection", ".1f"), ("rss_mib", "RSS MiB", ".1f")]),
         Scenario("idle_10k", f"{big['n']:,} idle connections to wsroom",
                  f"wsroom with {big['n']:,} idle connections and its default heartbeats "
-                 f"(ping every 30 s): the server's CPU over {big['window']:g} s and its RSS.",
-                 [("cpu_pct", "CPU % of a core", ".2f"), ("rss_mib", "RSS MiB", ".1f"),
+                 f"(ping every 30 s): the server's CPU over {big['window']:g} s right after "
+                 f"the ramp, and over {big['window']:g} s more from {big['steady_after']:g} s "
+                 "after that (steady), with the full garbage collections (generation 2) the "
+                 "server ran in each window; and its RSS.",
+                 [("cpu_pct", "CPU % after the ramp", ".2f"),
+                  ("full_gcs", "full GCs in it", ".0f"),
+                  ("steady_cpu_pct", "CPU % steady", ".2f"),
+                  ("steady_full_gcs", "full GCs in it", ".0f"),
+                  ("rss_mib", "RSS MiB", ".1f"),
                   ("kib_per_conn", "KiB/connection", ".1f"), ("connect_s", "connect s", ".1f")],
                  peers=["wsroom"], ratios=False),
         Scenario("storm", f"Reconnect storm ({storm['n']:,} wsroom clients)",
@@ -379,15 +388,32 @@ def idle(peer: Peer, p: dict[str, Any], log: Path) -> dict[str, Any]:
                              "n": p["n"]}, log)
         ready = client.event(600)
         time.sleep(p.get("settle", 1.0))
-        cpu0, t0 = proc.cpu_times(), time.monotonic()
-        time.sleep(p.get("window", 0.0))
-        cpu1, t1 = proc.cpu_times(), time.monotonic()
+        out = {"connect_s": ready["connect_s"]}
+        if "window" in p:
+            out.update(cpu_window(proc, port, p["window"], peer.kind == "wsroom"))
+        if "steady_after" in p:
+            time.sleep(p["steady_after"])
+            steady = cpu_window(proc, port, p["window"], peer.kind == "wsroom")
+            out.update({f"steady_{name}": value for name, value in steady.items()})
         rss1 = proc.memory_info().rss
         result = client.finish(120)
+    return {**result, **out, "rss_mib": rss1 / 2**20,
+            "kib_per_conn": (rss1 - rss0) / p["n"] / 1024}
+
+
+def cpu_window(proc: Any, port: int, seconds: float, gc_stats: bool) -> dict[str, Any]:
+    """The server's CPU (% of a core) over the next `seconds`, and how many full garbage
+    collections it ran meanwhile (servers with a ``/gc`` route: wsroom's)."""
+    gcs0 = get_json(port, "/gc") if gc_stats else None
+    cpu0, t0 = proc.cpu_times(), time.monotonic()
+    time.sleep(seconds)
+    cpu1, t1 = proc.cpu_times(), time.monotonic()
+    gcs1 = get_json(port, "/gc") if gc_stats else None
     busy = (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)
-    return {**result, "connect_s": ready["connect_s"], "rss_mib": rss1 / 2**20,
-            "kib_per_conn": (rss1 - rss0) / p["n"] / 1024,
-            "cpu_pct": 100 * busy / (t1 - t0) if t1 > t0 else 0.0}
+    out: dict[str, Any] = {"cpu_pct": 100 * busy / (t1 - t0) if t1 > t0 else 0.0}
+    if gcs0 is not None and gcs1 is not None:
+        out["full_gcs"] = gcs1[2] - gcs0[2]
+    return out
 
 
 def redis_client() -> Any:

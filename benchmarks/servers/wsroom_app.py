@@ -12,6 +12,7 @@ scenario misses more than 10,000, and must be replayed all of them.
 
 from __future__ import annotations
 
+import gc
 import json
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -54,6 +55,11 @@ def build(backplane: Backplane | None = None, *,
         check)."""
         return PlainTextResponse(json.dumps(hub.stats().closes))
 
+    async def collections(request: Request) -> PlainTextResponse:
+        """The garbage collector's collections so far, per generation (the 10k-idle
+        scenario: was a window's CPU a full collection?)."""
+        return PlainTextResponse(json.dumps([g["collections"] for g in gc.get_stats()]))
+
     async def publish(request: Request) -> PlainTextResponse:
         async def loop() -> int:
             return await publish_loop(*query(request.url.query), publish_one)
@@ -63,6 +69,7 @@ def build(backplane: Backplane | None = None, *,
 
     app = Starlette(routes=[WebSocketRoute("/ws", hub.endpoint), Route("/count", count),
                             Route("/closes", closes), Route("/publish", publish),
+                            Route("/gc", collections),
                             *routes], lifespan=hub.lifespan)
     return hub, app
 
