@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 
@@ -56,7 +56,14 @@ def client_key(address: str) -> str:
         return address
     if isinstance(parsed, ipaddress.IPv6Address):
         return str(ipaddress.IPv6Network((parsed, 64), strict=False))
-    return str(parsed)
+    return _same_or(address, parsed)
+
+
+def _same_or(text: str, address: IPAddress) -> str:
+    """`address` as text: `text` itself when it is already that (one string per
+    connection, not two copies of it)."""
+    canonical = str(address)
+    return text if canonical == text else canonical
 
 
 def _forwarded_for(value: str) -> list[str]:
@@ -110,19 +117,26 @@ class TrustedProxies:
         """True if `address` is one of the trusted proxies."""
         return address is not None and any(address in net for net in self._networks)
 
-    def client_address(self, peer: str | None, headers: Mapping[str, str] | list[str]
+    def client_address(self, peer: str | None,
+                       headers: Mapping[str, str] | list[str] | Callable[[], list[str]]
                        ) -> str:
         """The client's address, given the TCP peer's and the request's header values.
 
         Args:
             peer: the TCP peer's address (None for a Unix socket).
-            headers: every value of the configured header, in order (a list), or a
-                mapping from which the configured header is read (one value).
+            headers: every value of the configured header, in order (a list, or a
+                function returning it: called only for a trusted peer), or a mapping
+                from which the configured header is read (one value).
         """
         peer_ip = None if peer is None else _parse_ip(peer)
         unix_proxy = peer is None and self._unix
         if not unix_proxy and not self.trusts(peer_ip):
-            return str(peer_ip) if peer_ip is not None else (peer or "unknown")
+            if peer_ip is None:
+                return peer or "unknown"
+            assert peer is not None
+            return _same_or(peer, peer_ip)
+        if callable(headers):
+            headers = headers()
         if isinstance(headers, list):
             values = headers
         else:

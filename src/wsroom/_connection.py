@@ -767,12 +767,17 @@ class Connection:
                 log.debug("%s: close frame not sent: %s", self._tag(), type(exc).__name__)
 
     async def _reader(self, tg: TaskGroup) -> None:
-        handshake: Hello | None = None
+        hello_seen = False
         transport = self._transport
         limit = self._hub.config.max_message_bytes
         stats = self._hub._stats
         metrics = self._hub._metrics
+        message: str | bytes | Disconnected | None = None
+        frame: Hello | Pong | Msg | None = None
         while True:
+            # Nothing received or parsed stays alive while the next frame is awaited
+            # (an idle connection would keep its hello, or its last pong, for good).
+            message = frame = None
             try:
                 message = await transport.receive()
             except Exception as exc:
@@ -796,7 +801,7 @@ class Connection:
             if size > limit:  # before any parsing
                 self._request_close(CloseReason.MESSAGE_TOO_BIG)
                 continue
-            first = handshake is None
+            first = not hello_seen
             if isinstance(message, bytes):
                 if first:
                     self._request_close(CloseReason.BAD_HANDSHAKE)
@@ -817,7 +822,7 @@ class Connection:
                     continue
                 # Authenticate beside the reader, which keeps watching the socket: a
                 # client that vanishes mid-authentication is released at once.
-                handshake = frame
+                hello_seen = True
                 self._hook_deadline = anyio.current_time() + self._hub.config.hook_timeout
                 self._hub._timers.schedule(self, self._hook_deadline)
                 tg.start_soon(self._handshake, frame, name=f"wsroom handshake {self.id}")

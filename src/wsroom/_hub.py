@@ -622,8 +622,10 @@ class Hub:
     def _client_address(self, conn: Connection) -> str:
         request = conn._transport.request
         peer = request.client.host if request.client is not None else None
-        return self._proxies.client_address(
-            peer, request.headers.getlist(self.config.proxy_header))
+        header = self.config.proxy_header
+        # The headers only for a trusted proxy: parsed, they would stay with the
+        # connection's request for its lifetime.
+        return self._proxies.client_address(peer, lambda: request.headers.getlist(header))
 
     def _admit(self, conn: Connection) -> tuple[CloseReason, int] | None:
         """Register a new connection, or tell why it must be refused (and after how

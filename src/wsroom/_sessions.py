@@ -67,7 +67,7 @@ class Session(Generic[IdentityT, ConnT]):
         self.welcomed = False
         """True once a welcome was issued for it (before that there is nothing to
         resume: a connection that drops during its handshake ends its session)."""
-        self._accepted: frozenset[int] = frozenset()
+        self._accepted: tuple[int, ...] = ()  # sorted; one or two (a tuple: small)
 
     def __repr__(self) -> str:
         state = "live" if self.connection is not None else "detached"
@@ -82,28 +82,28 @@ class Session(Generic[IdentityT, ConnT]):
         """
         self.generation += 1
         self.welcomed = True
-        self._accepted = frozenset({self.generation} if presented is None
-                                   else {presented, self.generation})
+        self._accepted = ((self.generation,) if presented is None
+                          else tuple(sorted({presented, self.generation})))
         return self.generation
 
     def confirm(self) -> bool:
         """The client received its newest token: older ones are useless from now.
         Returns True if that changed anything."""
         if len(self._accepted) > 1:
-            self._accepted = frozenset({self.generation})
+            self._accepted = (self.generation,)
             return True
         return False
 
     @property
     def accepted(self) -> tuple[int, ...]:
         """The generations a resume may present, in order."""
-        return tuple(sorted(self._accepted))
+        return self._accepted
 
     def restore(self, generation: int, accepted: tuple[int, ...]) -> None:
         """Take over the token state of a session held by another worker until now."""
         self.generation = generation
         self.welcomed = True
-        self._accepted = frozenset(accepted)
+        self._accepted = tuple(sorted(set(accepted)))
 
     def accepts(self, generation: int) -> bool:
         """True if a token of `generation` may resume this session."""
