@@ -6,14 +6,18 @@ from __future__ import annotations
 import contextlib
 import json
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
 import pytest
+from anyio.abc import SocketAttribute, SocketStream
 from hypothesis import given
 from hypothesis import strategies as st
 from starlette.types import Receive, Scope, Send
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, CloseConnection, Request, TextMessage
 
 from support import current_backend, hub_app, serve, wait_for
 from wsroom import Connection, Handshake, Hub, HubConfig, Identity, MessageContext
@@ -85,6 +89,37 @@ async def take(client: Client, count: int) -> list[Message]:
             if len(got) == count:
                 break
     return got
+
+
+@asynccontextmanager
+async def wsproto_server(after_hello: Callable[[SocketStream, WSConnection], Awaitable[None]],
+                         *, linger: float) -> AsyncIterator[str]:
+    """A bare TCP server speaking WebSocket through wsproto, for what a correct server
+    never sends in one piece (several frames in one write, a frame a few bytes at a
+    time): per connection, it accepts the upgrade, reads the hello, runs
+    `after_hello`, then reads until the client leaves (at most `linger` s)."""
+    async def serve_once(stream: SocketStream) -> None:
+        ws = WSConnection(ConnectionType.SERVER)
+        async with stream:
+            hello = False
+            while not hello:
+                ws.receive_data(await stream.receive())
+                for event in ws.events():
+                    if isinstance(event, Request):
+                        await stream.send(ws.send(AcceptConnection()))
+                    elif isinstance(event, TextMessage):
+                        hello = True
+            await after_hello(stream, ws)
+            with anyio.move_on_after(linger), contextlib.suppress(anyio.EndOfStream,
+                                                                  anyio.BrokenResourceError):
+                while True:
+                    await stream.receive()
+
+    async with await anyio.create_tcp_listener(local_host="127.0.0.1") as listener, \
+            anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, serve_once)
+        yield f"ws://127.0.0.1:{listener.extra(SocketAttribute.local_port)}/ws"
+        tg.cancel_scope.cancel()
 
 
 async def test_requests_replies_and_room_messages_from_a_hub() -> None:
@@ -375,91 +410,45 @@ async def test_a_ping_read_together_with_the_close_does_not_crash_the_client() -
     """A stalled link delivers a ping and the server's close frame in one read: the
     pong cannot be sent any more, and the client must end with the close's code (found
     by the fault-injection suite, where it crashed the client's task)."""
-    from wsproto import ConnectionType, WSConnection
-    from wsproto.events import (
-        AcceptConnection,
-        CloseConnection,
-        Request,
-        TextMessage,
-    )
+    async def after_hello(stream: SocketStream, ws: WSConnection) -> None:
+        await stream.send(ws.send(TextMessage(json.dumps(welcome(room=0))))
+                          + ws.send(TextMessage(json.dumps({"type": "ping", "id": 1})))
+                          + ws.send(CloseConnection(4501, "kicked")))
 
-    async def serve_once(stream: anyio.abc.SocketStream) -> None:
-        ws = WSConnection(ConnectionType.SERVER)
-        async with stream:
-            hello = False
-            while not hello:
-                ws.receive_data(await stream.receive())
-                for event in ws.events():
-                    if isinstance(event, Request):
-                        await stream.send(ws.send(AcceptConnection()))
-                    elif isinstance(event, TextMessage):
-                        hello = True
-            await stream.send(ws.send(TextMessage(json.dumps(welcome(room=0))))
-                              + ws.send(TextMessage(json.dumps({"type": "ping", "id": 1})))
-                              + ws.send(CloseConnection(4501, "kicked")))
-            with anyio.move_on_after(2), contextlib.suppress(anyio.EndOfStream,
-                                                             anyio.BrokenResourceError):
-                while True:
-                    await stream.receive()  # until the client closes
-
-    async with await anyio.create_tcp_listener(local_host="127.0.0.1") as listener, \
-            anyio.create_task_group() as tg:
-        port = listener.extra(anyio.abc.SocketAttribute.local_port)
-        tg.start_soon(listener.serve, serve_once)
-        async with Client(f"ws://127.0.0.1:{port}/ws", min_backoff=0.01) as client:
-            await wait_for(lambda: client.closed is not None)
-            with pytest.raises(ClientClosed) as closed:
-                await client.wait_connected()
-            assert closed.value.code == 4501
-        tg.cancel_scope.cancel()
+    async with wsproto_server(after_hello, linger=2) as url, \
+            Client(url, min_backoff=0.01) as client:
+        await wait_for(lambda: client.closed is not None)
+        with pytest.raises(ClientClosed) as closed:
+            await client.wait_connected()
+        assert closed.value.code == 4501
 
 
 async def test_a_large_message_arriving_slowly_is_not_silence() -> None:
     """Silence is no bytes at all: a 4 KB message dribbled over ~1.6 s (a slow or lossy
     link) to a client whose silence limit is 0.4 s is received on the same connection.
     Afterwards the server says nothing, and the client leaves it after 0.4 s."""
-    from wsproto import ConnectionType, WSConnection
-    from wsproto.events import AcceptConnection, Request, TextMessage
-
     hellos: list[float] = []
     dribbled: list[float] = []
 
-    async def serve_once(stream: anyio.abc.SocketStream) -> None:
-        ws = WSConnection(ConnectionType.SERVER)
-        async with stream:
-            while not hellos or len(hellos) < 1 + len(dribbled):
-                ws.receive_data(await stream.receive())
-                for event in ws.events():
-                    if isinstance(event, Request):
-                        await stream.send(ws.send(AcceptConnection()))
-                    elif isinstance(event, TextMessage):
-                        hellos.append(anyio.current_time())
-            await stream.send(ws.send(TextMessage(json.dumps(
-                welcome(interval=0.2, timeout=0.2, room=0)))))
-            if not dribbled:
-                frame = {**msg(1), "data": "x" * 4000}
-                data = ws.send(TextMessage(json.dumps(frame)))
-                for start in range(0, len(data), 256):
-                    if start:
-                        await anyio.sleep(0.1)
-                    await stream.send(data[start:start + 256])
-                dribbled.append(anyio.current_time())  # the last bytes
-            with anyio.move_on_after(5), contextlib.suppress(anyio.EndOfStream,
-                                                             anyio.BrokenResourceError):
-                while True:
-                    await stream.receive()  # until the client leaves
+    async def after_hello(stream: SocketStream, ws: WSConnection) -> None:
+        hellos.append(anyio.current_time())
+        await stream.send(ws.send(TextMessage(json.dumps(
+            welcome(interval=0.2, timeout=0.2, room=0)))))
+        if not dribbled:
+            data = ws.send(TextMessage(json.dumps({**msg(1), "data": "x" * 4000})))
+            for start in range(0, len(data), 256):
+                if start:
+                    await anyio.sleep(0.1)
+                await stream.send(data[start:start + 256])
+            dribbled.append(anyio.current_time())  # the last bytes
 
-    async with await anyio.create_tcp_listener(local_host="127.0.0.1") as listener, \
-            anyio.create_task_group() as tg:
-        port = listener.extra(anyio.abc.SocketAttribute.local_port)
-        tg.start_soon(listener.serve, serve_once)
-        async with Client(f"ws://127.0.0.1:{port}/ws", min_backoff=0.01) as client:
-            [got] = await take(client, 1)
-            assert got.data == "x" * 4000
-            assert len(hellos) == 1  # the same connection throughout
-            await wait_for(lambda: len(hellos) == 2)  # then silence: left, and back
-            assert hellos[1] - dribbled[0] >= 0.4
-        tg.cancel_scope.cancel()
+    async with wsproto_server(after_hello, linger=5) as url, \
+            Client(url, min_backoff=0.01) as client:
+        [got] = await take(client, 1)
+        assert got.data == "x" * 4000
+        assert len(hellos) == 1  # the same connection throughout
+        await wait_for(lambda: len(hellos) == 2)  # then silence: left, and back
+        assert hellos[1] - dribbled[0] >= 0.4
 
 
 async def test_a_429_is_retried_no_sooner_than_its_retry_after() -> None:

@@ -165,6 +165,17 @@ def status_changes(frames: list[dict[str, Any]], member: str) -> list[str]:
     return story
 
 
+async def killed_after_welcome(hub: Hub, url: str) -> dict[str, Any]:
+    """A client welcomed, then killed (RST, no close frame): its welcome, once the hub
+    has detached its session."""
+    async with Player.connect(url) as player:
+        welcome = player.welcome
+        assert welcome is not None
+        await player.ws.abort()
+    await wait_for(lambda: hub.stats().detached_sessions == 1)
+    return welcome
+
+
 @asynccontextmanager
 async def raw(url: str, *, skip_presence: bool = True) -> AsyncIterator[Player]:
     """A Player without hello, closed on exit if still open."""
@@ -223,11 +234,7 @@ async def test_the_welcome_is_a_message_of_its_own_ahead_of_a_batched_replay() -
     it and give up)."""
     hub = game_hub()
     async with serve(hub_app(hub)) as url:
-        async with Player.connect(url + "/ws") as first:
-            welcome = first.welcome
-            assert welcome is not None
-            await first.ws.abort()
-        await wait_for(lambda: hub.stats().detached_sessions == 1)
+        welcome = await killed_after_welcome(hub, url + "/ws")
         await publish_numbered(hub, 1, 300)
         async with raw(url + "/ws") as second:
             await send_hello(second.ws, welcome["resume"], Positions(welcome).streams)
@@ -460,12 +467,8 @@ async def test_a_token_presented_by_another_member_is_refused() -> None:
 async def test_a_valid_token_after_the_window_gets_a_new_session() -> None:
     hub = game_hub(HubConfig(resume_window=0.3))
     async with serve(hub_app(hub)) as url:
-        async with Player.connect(url + "/ws") as first:
-            welcome = first.welcome
-            assert welcome is not None
-            await first.ws.abort()
-            await wait_for(lambda: hub.stats().detached_sessions == 1)
-            await wait_for(lambda: hub.stats().sessions == 0)  # the window passed
+        welcome = await killed_after_welcome(hub, url + "/ws")
+        await wait_for(lambda: hub.stats().sessions == 0)  # the window passed
         async with raw(url + "/ws") as second:
             back = await resume(second, welcome["resume"], Positions(welcome).streams)
             assert back["session"] != welcome["session"]
