@@ -760,7 +760,7 @@ class Connection:
         wait = disposition(self._sm.reason).close_wait if self._sm.reason else None
         if wait is not None:
             deadline = min(deadline, anyio.current_time() + wait)
-        with anyio.move_on_at(deadline):
+        with anyio.CancelScope(deadline=deadline):
             try:
                 await self._transport.close(code, self._close_reason_text)
             except Exception as exc:

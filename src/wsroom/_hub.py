@@ -1143,7 +1143,7 @@ class Hub:
         while True:
             self._expiry_wakeup = wakeup = anyio.Event()
             deadline = sessions.next_expiry()
-            with anyio.move_on_at(math.inf if deadline is None else deadline):
+            with anyio.CancelScope(deadline=math.inf if deadline is None else deadline):
                 await wakeup.wait()
             ended = [(session, self._forget_session(session, "expired"))
                      for session in sessions.expire(anyio.current_time())]

@@ -99,5 +99,5 @@ class Timers:
                     self.schedule(target, max(following, now + RESOLUTION))
             self._until = heap[0][0] if heap else math.inf
             self._wakeup = anyio.Event()
-            with anyio.move_on_at(self._until + RESOLUTION):
+            with anyio.CancelScope(deadline=self._until + RESOLUTION):
                 await self._wakeup.wait()

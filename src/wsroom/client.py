@@ -397,7 +397,7 @@ class Client:
         while True:
             # Silence is no bytes at all: a large frame still arriving on a slow link
             # is not silence (`recv` is cancel-safe: nothing read is lost).
-            with anyio.move_on_at(ws.last_received + silence) as scope:
+            with anyio.CancelScope(deadline=ws.last_received + silence) as scope:
                 raw = await ws.recv()
             if scope.cancelled_caught:
                 if anyio.current_time() < ws.last_received + silence:

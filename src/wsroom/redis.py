@@ -706,7 +706,7 @@ class RedisBackplane(Backplane):
                 self._wake()
                 if ps is not None:
                     with anyio.CancelScope(shield=True), anyio.move_on_after(2):
-                        await ps.aclose()  # type: ignore[no-untyped-call]
+                        await ps.aclose()
             self._first_try.set()
             await anyio.sleep(backoff * random.uniform(0.5, 1.5))
             backoff = min(backoff * 2, 5.0)
