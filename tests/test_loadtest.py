@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,7 @@ import anyio
 import pytest
 
 from support import hub_app, load_game, serve
-from wsroom import Connection, Hub, MessageContext
+from wsroom import Connection, Hub, MessageContext, _cli
 from wsroom.loadtest import Histogram, main
 
 
@@ -147,6 +149,34 @@ def test_loadtest_is_accepted_as_a_subcommand(capsys: pytest.CaptureFixture[str]
         main(["loadtest", "--help"])
     assert exited.value.code == 0
     assert "messages per second PER CLIENT" in capsys.readouterr().out
+
+
+def test_the_wsroom_command_names_its_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    assert _cli.main(["--help"]) == 0
+    assert "loadtest URL" in capsys.readouterr().out
+    assert _cli.main([]) == 2
+    assert "wsroom: no command" in capsys.readouterr().err
+    assert _cli.main(["load"]) == 2
+    assert "unknown command 'load'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:
+        _cli.main(["loadtest", "--help"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: wsroom loadtest")
+
+
+def test_the_wsroom_command_without_the_client_extra_says_so() -> None:
+    """`wsroom --help` works without wsproto; `wsroom loadtest` says what is missing in one
+    line (a process of its own, where importing wsproto fails)."""
+    script = ("import sys; sys.modules['wsproto'] = None\n"
+              "from wsroom._cli import main\n"
+              "assert main(['--help']) == 0\n"
+              "sys.exit(main(['loadtest', 'ws://127.0.0.1:1/ws']))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 2, done.stderr
+    assert "usage: wsroom COMMAND" in done.stdout
+    assert done.stderr.strip() == ("wsroom loadtest: wsroom's client needs wsproto (the "
+                                   "'client' extra): pip install 'wsproto>=1.2'")
 
 
 def test_histogram_quantiles_are_within_one_percent() -> None:

@@ -930,16 +930,12 @@ def _ms_value(value: float | None) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line: ``wsroom loadtest URL [options]`` (the ``wsroom`` console
-    script) or ``python -m wsroom.loadtest URL [options]``. Returns the exit status."""
-    script = argv is None and Path(sys.argv[0]).name == "wsroom"
+    script passes its arguments) or ``python -m wsroom.loadtest URL [options]``. Returns
+    the exit status."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["loadtest"]:
         args = args[1:]
-    elif script:
-        print("usage: wsroom loadtest URL [options]  (wsroom loadtest --help)",
-              file=sys.stderr)
-        return 2
-    options = parse_args(args, prog="wsroom loadtest" if script or argv is not None
+    options = parse_args(args, prog="wsroom loadtest" if argv is not None
                          else "python -m wsroom.loadtest")
     warning = _raise_fd_limit(options.clients)
     if warning:
