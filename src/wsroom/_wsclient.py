@@ -36,7 +36,7 @@ try:
     from wsproto.utilities import LocalProtocolError
 except ImportError as exc:  # pragma: no cover - depends on the install
     raise ImportError(
-        "wsroom's client needs wsproto: pip install 'wsroom[client]'"
+        "wsroom's client needs wsproto (the 'client' extra): pip install 'wsproto>=1.2'"
     ) from exc
 
 __all__ = ["ConnectionClosed", "HandshakeRejected", "WebSocket", "connect"]

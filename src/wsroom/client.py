@@ -1,4 +1,4 @@
-"""A reconnecting Python client for wsroom servers (AnyIO; ``pip install 'wsroom[client]'``).
+"""A reconnecting Python client for wsroom servers (AnyIO; the ``client`` extra).
 
 Theory of operation
 -------------------

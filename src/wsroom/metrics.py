@@ -1,4 +1,4 @@
-"""Prometheus metrics of a hub (``pip install 'wsroom[prometheus]'``).
+"""Prometheus metrics of a hub (the ``prometheus`` extra).
 
 A hub always counts (see `Hub.stats`); this module only reads those counts when Prometheus
 scrapes, so it costs nothing between scrapes. Serve them with `metrics_app`:
@@ -63,7 +63,8 @@ _RESUME_RESULTS = ("recovered", "not_recovered", "new_session", "rejected")
 def _require() -> None:
     if _missing is not None:
         raise ImportError(
-            "wsroom.metrics needs prometheus_client: pip install 'wsroom[prometheus]'"
+            "wsroom.metrics needs prometheus_client (the 'prometheus' extra): "
+            "pip install 'prometheus-client>=0.20'"
         ) from _missing
 
 
