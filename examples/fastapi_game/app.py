@@ -1,9 +1,9 @@
 """A game table: a GM runs a session, players join with a code; FastAPI + SQLAlchemy + wsroom.
 
-Run it from the repository root, then open http://127.0.0.1:8000 in a few browser tabs:
+Run it from the repository root with the README's example command (it installs the
+`examples` extra from uv.lock into .venv), then open http://127.0.0.1:8000 in a few tabs:
 
-    pip install -e '.[examples]'
-    uvicorn --app-dir examples/fastapi_game app:app
+    .venv/bin/uvicorn --app-dir examples/fastapi_game app:app
 
 The data goes to ./game.db (SQLite), or to the SQLAlchemy URL in GAME_DATABASE_URL.
 
