@@ -1,7 +1,8 @@
 """The release checks can fail, and the set-up commands agree with the build.
 
-CI builds the sdist and wheel and runs `.ci/check_dist.py` on them (`.ci/run`); these tests
-show that the check rejects what it must reject. The README's commands install uv at one
+CI builds the sdist and wheel and runs `.ci/check_dist.py` on them, and checks the floors
+lock with `.ci/check_floors.py` (`.ci/run`); these tests show that the checks reject what
+they must reject. The README's commands install uv at one
 pinned version, which must be the one the build backend's range admits: `uv build` and
 `uv sync` use the `uv_build` inside that uv.
 """
@@ -21,8 +22,8 @@ import pytest
 ROOT = Path(__file__).parents[1]
 
 
-def _load_check_dist() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("check_dist", ROOT / ".ci" / "check_dist.py")
+def _load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, ROOT / ".ci" / f"{name}.py")
     assert spec is not None
     assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -30,7 +31,8 @@ def _load_check_dist() -> ModuleType:
     return module
 
 
-check_dist = _load_check_dist()
+check_dist = _load("check_dist")
+check_floors = _load("check_floors")
 
 METADATA = """\
 Metadata-Version: 2.4
@@ -102,6 +104,56 @@ def test_an_sdist_without_the_licence_fails(tmp_path: Path,
     sdist = [name for name in GOOD_SDIST if name != "LICENSE"]
     assert check_dist.main(str(_build(tmp_path, GOOD_WHEEL, sdist))) == 1
     assert "LICENSE is missing" in capsys.readouterr().out
+
+
+PYPROJECT = {"project": {
+    "name": "wsroom",
+    "dependencies": ["starlette>=0.49.1", "anyio>=4.10"],
+    "optional-dependencies": {
+        "redis": ["redis>=5.0.1"],
+        "test": ["wsroom[redis]", "pytest>=8.2"],
+        "docs": ["mkdocs>=1.6"],
+        "dev": ["wsroom[test]", "ruff>=0.6"],
+    },
+}}
+FLOORS = """\
+anyio==4.10.0 \\
+    --hash=sha256:00
+pytest==8.2.0 \\
+    --hash=sha256:00
+redis==5.0.1 \\
+    --hash=sha256:00
+ruff==0.6.0 \\
+    --hash=sha256:00
+starlette==0.49.1 \\
+    --hash=sha256:00
+exceptiongroup==1.3.2 ; python_full_version < '3.11' \\
+    --hash=sha256:00
+"""
+
+
+def test_the_floors_lock_pins_every_direct_dependency_at_its_floor() -> None:
+    names = {r.name for r in check_floors.direct_requirements(PYPROJECT)}
+    assert names == {"starlette", "anyio", "redis", "pytest", "ruff"}  # not docs' mkdocs
+    assert check_floors.problems(PYPROJECT, FLOORS) == []
+
+
+@pytest.mark.parametrize(("floors", "problem"), [
+    (FLOORS.replace("anyio==4.10.0", "anyio==4.16.0"),
+     "anyio>=4.10: the floors lock pins 4.16.0: 4.10 does not install with the rest"),
+    (FLOORS.replace("redis==5.0.1", "redis==5.0.0"),
+     "redis>=5.0.1: the floors lock pins 5.0.0, not 5.0.1"),
+    (FLOORS.replace("pytest==8.2.0", "pytest-timeout==2.4.0"),
+     "pytest>=8.2: not in the floors lock"),
+])
+def test_a_floors_lock_off_the_floors_fails(floors: str, problem: str) -> None:
+    assert [p for p in check_floors.problems(PYPROJECT, floors) if problem in p]
+
+
+def test_a_dependency_without_a_floor_fails() -> None:
+    pyproject = {"project": {**PYPROJECT["project"], "dependencies": ["starlette"]}}
+    assert "starlette: no '>=' floor in pyproject.toml" in check_floors.problems(
+        pyproject, FLOORS)
 
 
 def _version(text: str) -> tuple[int, ...]:
