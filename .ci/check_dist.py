@@ -8,18 +8,20 @@ benchmarks, examples or caches); the metadata names the dependency floors that C
 
 from __future__ import annotations
 
-import re
 import sys
 import tarfile
 import zipfile
 from email.parser import Parser
 from pathlib import Path
 
+from packaging.requirements import Requirement
+from packaging.version import Version
+
 WHEEL_MUST_HAVE = ("wsroom/__init__.py", "wsroom/py.typed", "wsroom/static/wsroom.js")
 WHEEL_FORBIDDEN = ("tests/", "benchmarks/", "examples/", "docs/", "__pycache__", ".pyc")
 # Starlette before 0.49.1 has CVE-2025-62727 (Range headers in FileResponse/StaticFiles,
 # which serve wsroom.static_files()).
-STARLETTE_FLOOR = (0, 49, 1)
+STARLETTE_FLOOR = Version("0.49.1")
 SDIST_MUST_HAVE = ("pyproject.toml", "README.md", "LICENSE", "PKG-INFO",
                    "src/wsroom/py.typed", "src/wsroom/static/wsroom.js")
 
@@ -45,11 +47,15 @@ def check_wheel(path: Path) -> list[str]:
     if metadata is None:
         problems.append(f"{path.name}: no METADATA")
     else:
-        requires = metadata.get_all("Requires-Dist") or []
-        starlette = next((r for r in requires if re.match(r"starlette\s*>=", r)), "")
-        floor = re.findall(r"\d+", starlette.partition(">=")[2].split(",")[0])
-        if tuple(map(int, floor)) < STARLETTE_FLOOR:
-            problems.append(f"{path.name}: Requires-Dist has no starlette>=0.49.1: {requires}")
+        if metadata.get("Name") != "wsroom":
+            problems.append(f"{path.name}: Name is {metadata.get('Name')!r}, not 'wsroom'")
+        requires = [Requirement(r) for r in metadata.get_all("Requires-Dist") or []]
+        floors = [Version(s.version) for r in requires
+                  if r.name == "starlette" and r.marker is None  # for everyone, no extra
+                  for s in r.specifier if s.operator == ">="]
+        if not floors or max(floors) < STARLETTE_FLOOR:
+            problems.append(f"{path.name}: Requires-Dist has no unconditional "
+                            f"starlette>={STARLETTE_FLOOR}: {[str(r) for r in requires]}")
         if metadata.get("License-Expression") != "MIT":
             problems.append(f"{path.name}: License-Expression is "
                             f"{metadata.get('License-Expression')!r}, not 'MIT'")

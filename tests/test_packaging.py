@@ -78,9 +78,15 @@ def test_a_complete_wheel_and_sdist_pass(tmp_path: Path,
     ({"benchmarks/run.py": ""}, "benchmarks/run.py is outside the package"),
     ({"wsroom/__pycache__/hub.cpython-311.pyc": ""}, "should not be shipped"),
     ({"wsroom-0.1.0.dev0.dist-info/METADATA": METADATA.replace("0.49.1", "0.40")},
-     "no starlette>=0.49.1"),
-    ({"wsroom-0.1.0.dev0.dist-info/METADATA": METADATA.replace("starlette>=0.49.1\n", "")},
-     "no starlette>=0.49.1"),
+     "no unconditional starlette>=0.49.1"),
+    ({"wsroom-0.1.0.dev0.dist-info/METADATA": METADATA.replace(
+        "Requires-Dist: starlette>=0.49.1\n", "")},
+     "no unconditional starlette>=0.49.1"),
+    ({"wsroom-0.1.0.dev0.dist-info/METADATA": METADATA.replace(
+        "starlette>=0.49.1", "starlette>=0.49.1 ; extra == 'client'")},
+     "no unconditional starlette>=0.49.1"),
+    ({"wsroom-0.1.0.dev0.dist-info/METADATA": METADATA.replace("Name: wsroom", "Name: other")},
+     "Name is 'other'"),
     ({"wsroom-0.1.0.dev0.dist-info/METADATA": METADATA.replace("MIT", "GPL-3.0")},
      "License-Expression is 'GPL-3.0'"),
 ])
@@ -165,7 +171,11 @@ def test_every_set_up_command_pins_the_uv_whose_build_backend_builds_wsroom() ->
     `uv_build` range of pyproject.toml (a uv outside it would build with another backend)."""
     texts = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", ROOT / "benchmarks" / "README.md",
              *sorted((ROOT / "docs").rglob("*.md"))]
-    pins = {m for path in texts for m in re.findall(r"\buv==([0-9.]+)", path.read_text())}
+    installs = [m for path in texts
+                for m in re.findall(r"pip install (uv\S*)", path.read_text())]
+    assert len(installs) >= 4, installs  # README twice, CONTRIBUTING, benchmarks/README
+    assert all(re.fullmatch(r"uv==[0-9.]+", spec) for spec in installs), installs
+    pins = {spec.removeprefix("uv==") for spec in installs}
     assert len(pins) == 1, pins
     pinned = _version(pins.pop())
     backend = re.search(r'requires = \["uv_build>=([0-9.]+),<([0-9.]+)"\]',
