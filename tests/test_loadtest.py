@@ -179,6 +179,13 @@ def test_the_wsroom_command_without_the_client_extra_says_so() -> None:
                                    "'client' extra): pip install 'wsproto>=1.2'")
 
 
+def test_python_dash_m_wsroom_is_the_wsroom_command() -> None:
+    done = subprocess.run([sys.executable, "-m", "wsroom", "--help"], capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: wsroom COMMAND")
+
+
 def test_histogram_quantiles_are_within_one_percent() -> None:
     histogram = Histogram()
     assert histogram.quantile(0.5) is None
