@@ -28,8 +28,8 @@ from starlette.routing import WebSocketRoute
 from starlette.types import ASGIApp
 
 from wsroom import Connection, Hub
-from wsroom._transport import Disconnected
-from wsroom._wsclient import ConnectionClosed, WebSocket, connect
+from wsroom._asgi.transport import Disconnected
+from wsroom.client._websocket import ConnectionClosed, WebSocket, connect
 
 GAME_DIR = Path(__file__).resolve().parents[1] / "examples" / "fastapi_game"
 

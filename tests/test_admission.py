@@ -10,9 +10,9 @@ from hypothesis import strategies as st
 
 from support import MemoryTransport, Player, hub_app, serve, wait_for
 from wsroom import Hub, HubConfig
-from wsroom._admission import Admission, Refusal, TrustedProxies, client_key
-from wsroom._connection import Connection
-from wsroom._wsclient import HandshakeRejected, connect
+from wsroom._core.admission import Admission, Refusal, TrustedProxies, client_key
+from wsroom._runtime.connection import Connection
+from wsroom.client._websocket import HandshakeRejected, connect
 
 # ------------------------------------------------------------------ client address
 

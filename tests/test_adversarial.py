@@ -47,7 +47,7 @@ from wsproto.extensions import PerMessageDeflate
 
 from support import Player, ServerProcess, spawn, wait_for
 from wsroom import CloseCode
-from wsroom._wsclient import HandshakeRejected, connect
+from wsroom.client._websocket import HandshakeRejected, connect
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 

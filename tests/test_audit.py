@@ -32,7 +32,7 @@ from wsroom import (
     Identity,
     MessageContext,
 )
-from wsroom._wsclient import connect
+from wsroom.client._websocket import connect
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 

@@ -1,4 +1,4 @@
-"""The in-memory backplane (``wsroom._backplane.MemoryBackplane``).
+"""The in-memory backplane (``wsroom._backplane.base.MemoryBackplane``).
 
 It numbers each stream's messages, keeps their bounded history and delivers them
 synchronously, in offset order, to the callback the hub bound. A stream is forgotten
@@ -14,9 +14,9 @@ import pytest
 
 from support import running, wait_for
 from wsroom import CloseCode, Connection, Hub
-from wsroom._backplane import Backplane, Envelope, MemoryBackplane
-from wsroom._history import HistoryLimits, Recovery
-from wsroom._protocol import msg_frame_from, msg_payload
+from wsroom._backplane.base import Backplane, Envelope, MemoryBackplane
+from wsroom._core.history import HistoryLimits, Recovery
+from wsroom._core.protocol import msg_frame_from, msg_payload
 
 pytestmark = pytest.mark.anyio
 

@@ -1,4 +1,4 @@
-"""The error budget (``wsroom._budget``): N consecutive bad messages close."""
+"""The error budget (``wsroom._core.budget``): N consecutive bad messages close."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from wsroom._budget import ErrorBudget
+from wsroom._core.budget import ErrorBudget
 
 
 @pytest.mark.parametrize("limit", [0, -1])

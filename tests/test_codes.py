@@ -1,4 +1,4 @@
-"""Close codes (``wsroom._codes``): the client decides from the code alone."""
+"""Close codes (``wsroom._core.codes``): the client decides from the code alone."""
 
 from __future__ import annotations
 

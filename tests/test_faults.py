@@ -41,8 +41,8 @@ from wsproto.utilities import LocalProtocolError
 import netns
 from netns import REPORT, Lab, Server, server
 from support import Player
-from wsroom._wsclient import ConnectionClosed
 from wsroom.client import Client, Message, Snapshot
+from wsroom.client._websocket import ConnectionClosed
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 

@@ -12,9 +12,9 @@ import pytest
 
 from support import MemoryTransport, Player, hub_app, running, serve, wait_for
 from wsroom import CloseCode, Connection, Hub, HubConfig
-from wsroom._flush import start_eagerly
-from wsroom._protocol import parse_client_frame
-from wsroom._state import CloseReason
+from wsroom._core.protocol import parse_client_frame
+from wsroom._core.state import CloseReason
+from wsroom._runtime.flush import start_eagerly
 
 pytestmark = pytest.mark.anyio
 

@@ -1,4 +1,4 @@
-"""Heartbeat and idle deadlines (``wsroom._heartbeat``), driven with explicit ``now``."""
+"""Heartbeat and idle deadlines (``wsroom._core.heartbeat``), driven with explicit ``now``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wsroom._heartbeat import Beat, Heartbeat, Tick
+from wsroom._core.heartbeat import Beat, Heartbeat, Tick
 
 
 def make(interval: float = 30, timeout: float = 10, idle: float | None = None) -> Heartbeat:

@@ -1,4 +1,4 @@
-"""Bounded stream history and exact replay (``wsroom._history``).
+"""Bounded stream history and exact replay (``wsroom._core.history``).
 
 The central property: ``since(epoch, offset, now)`` is all or nothing. It answers
 ``recovered=True`` with exactly the frames of offsets ``offset+1 .. last``, in order, iff
@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wsroom._history import HistoryLimits, Recovery, StreamHistory
+from wsroom._core.history import HistoryLimits, Recovery, StreamHistory
 
 EPOCH = "e1"
 

@@ -30,7 +30,7 @@ from wsroom import (
     Reject,
     RoomConfig,
 )
-from wsroom._backplane import Envelope
+from wsroom._backplane.base import Envelope
 
 pytestmark = pytest.mark.anyio
 

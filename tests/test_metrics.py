@@ -23,7 +23,7 @@ from starlette.routing import Mount, Route, WebSocketRoute
 import wsroom.metrics
 from support import Player, running, serve, wait_for
 from wsroom import Connection, Hub, MessageContext
-from wsroom._metrics import Histogram, Metrics
+from wsroom._core.metrics import Histogram, Metrics
 from wsroom.metrics import HubCollector, metrics_app
 
 Labels = frozenset[tuple[str, str]]

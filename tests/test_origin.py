@@ -6,8 +6,8 @@ import pytest
 
 from support import Player, hub_app, serve, wait_for
 from wsroom import Hub, HubConfig
-from wsroom._origin import OriginPolicy, normalize_origin
-from wsroom._wsclient import HandshakeRejected, connect
+from wsroom._core.origin import OriginPolicy, normalize_origin
+from wsroom.client._websocket import HandshakeRejected, connect
 
 
 @pytest.mark.parametrize(("origin", "normal"), [

@@ -1,4 +1,4 @@
-"""Room presence (``wsroom._presence``): online, away while detached, gone on removal.
+"""Room presence (``wsroom._core.presence``): online, away while detached, gone on removal.
 
 A stateful test drives a roster through random attaches, detaches and removals of
 sessions, against a plain model; every returned diff must describe exactly the change
@@ -20,7 +20,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from wsroom._presence import PresenceDiff, PresenceEntry, PresenceStatus, RoomPresence
+from wsroom._core.presence import PresenceDiff, PresenceEntry, PresenceStatus, RoomPresence
 
 ONLINE, AWAY = PresenceStatus.ONLINE, PresenceStatus.AWAY
 

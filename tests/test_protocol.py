@@ -1,4 +1,4 @@
-"""Wire contract v1 (``wsroom._protocol``): parsing client frames, encoding server frames."""
+"""Wire contract v1 (``wsroom._core.protocol``): parsing client frames, encoding server frames."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from wsroom._codes import ErrorCode
-from wsroom._protocol import (
+from wsroom._core.codes import ErrorCode
+from wsroom._core.protocol import (
     BadFrame,
     Hello,
     Msg,
@@ -25,7 +25,7 @@ from wsroom._protocol import (
     reply_frame,
     welcome_frame,
 )
-from wsroom._queue import frame_size
+from wsroom._core.queue import frame_size
 
 SECRET = "sk_live_7Hq2SECRETxZ"
 

@@ -1,4 +1,4 @@
-"""The per-client outbound queue (``wsroom._queue``): bounds, policies, order, batching."""
+"""The per-client outbound queue (``wsroom._core.queue``): bounds, policies, order, batching."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from wsroom._queue import OutboundQueue, Policy, PushResult, frame_size
+from wsroom._core.queue import OutboundQueue, Policy, PushResult, frame_size
 
 
 def queued(queue: OutboundQueue) -> list[str]:

@@ -1,4 +1,4 @@
-"""The per-connection message rate limit: a token bucket (``wsroom._rate``) and what the
+"""The per-connection message rate limit: a token bucket (``wsroom._core.rate``) and what the
 runtime does with its verdicts (``rate_limited`` error frames, then 3013)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from support import running, wait_for
 from wsroom import CloseCode, Hub, HubConfig, MessageContext
-from wsroom._rate import RateLimiter, Verdict
+from wsroom._core.rate import RateLimiter, Verdict
 
 
 @given(rate=st.floats(0.1, 100), burst=st.integers(1, 50),

@@ -32,8 +32,8 @@ from wsroom import (
     Identity,
     RoomConfig,
 )
-from wsroom._wsclient import WebSocket
 from wsroom.client import Client, Message
+from wsroom.client._websocket import WebSocket
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 

@@ -47,10 +47,10 @@ from trio.testing import MockClock, wait_all_tasks_blocked
 
 from support import MemoryTransport, Peer
 from wsroom import CloseCode, Connection, Handshake, Hub, HubConfig, Identity, RoomConfig
-from wsroom._backplane import Envelope, MemoryBackplane
-from wsroom._codes import should_reconnect
-from wsroom._history import HistoryLimits
-from wsroom._transport import Disconnected
+from wsroom._asgi.transport import Disconnected
+from wsroom._backplane.base import Envelope, MemoryBackplane
+from wsroom._core.codes import should_reconnect
+from wsroom._core.history import HistoryLimits
 
 # ------------------------------------------------------------------------ shared set-up
 

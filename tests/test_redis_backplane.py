@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from support import Player, hub_app, serve
 from test_backplane_conformance import REDIS_URL, delete_prefix, redis_or_skip
 from wsroom import BackplaneUnavailable, Connection, Envelope, HistoryLimits, Hub, HubConfig
-from wsroom._protocol import msg_payload
+from wsroom._core.protocol import msg_payload
 from wsroom.testing import Recorder
 
 pytestmark = pytest.mark.anyio

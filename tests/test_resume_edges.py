@@ -28,8 +28,8 @@ from wsroom import (
     Policy,
     RoomConfig,
 )
-from wsroom._backplane import MemoryBackplane
-from wsroom._history import HistoryLimits
+from wsroom._backplane.base import MemoryBackplane
+from wsroom._core.history import HistoryLimits
 from wsroom.client import Client, Message
 
 pytestmark = pytest.mark.anyio

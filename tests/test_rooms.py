@@ -1,4 +1,4 @@
-"""Rooms and membership (``wsroom._rooms``); stream numbering lives in the backplane
+"""Rooms and membership (``wsroom._core.rooms``); stream numbering lives in the backplane
 (``tests/test_backplane.py``)."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from wsroom._config import RoomConfig
-from wsroom._queue import Policy
-from wsroom._rooms import Room, Rooms
+from wsroom._core.config import RoomConfig
+from wsroom._core.queue import Policy
+from wsroom._core.rooms import Room, Rooms
 
 CONFIG = RoomConfig()
 

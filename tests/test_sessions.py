@@ -1,4 +1,4 @@
-"""Sessions and their resume window (``wsroom._sessions``).
+"""Sessions and their resume window (``wsroom._core.sessions``).
 
 The registry has no clock: every detach and expiry is given its ``now``, so these tests
 run on a virtual clock. A stateful test drives create/attach/detach/remove/expire and
@@ -24,7 +24,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from wsroom._sessions import Session, SessionRegistry
+from wsroom._core.sessions import Session, SessionRegistry
 
 WINDOW = 120.0
 

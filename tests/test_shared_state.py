@@ -249,7 +249,7 @@ async def test_backplane_events_are_metrics() -> None:
 async def test_late_words_from_the_worker_a_session_left_are_ignored() -> None:
     """A worker that has not yet heard that its session moved may still expire it or
     announce its departure: neither touches the session now held elsewhere."""
-    from wsroom._backplane import PresenceOp, SessionRecord
+    from wsroom._backplane.base import PresenceOp, SessionRecord
 
     async with two_workers() as (a, b, tg):
         ann, bob = Client("ann"), Client("bob")

@@ -1,4 +1,4 @@
-"""The connection state machine and close dispositions (``wsroom._state``)."""
+"""The connection state machine and close dispositions (``wsroom._core.state``)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from wsroom._codes import CloseCode
-from wsroom._state import (
+from wsroom._core.codes import CloseCode
+from wsroom._core.state import (
     CloseReason,
     ConnectionStateMachine,
     ConnState,

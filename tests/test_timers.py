@@ -7,7 +7,7 @@ import math
 import anyio
 import pytest
 
-from wsroom._timers import RESOLUTION, Timers
+from wsroom._runtime.timers import RESOLUTION, Timers
 
 pytestmark = pytest.mark.anyio
 

@@ -1,4 +1,4 @@
-"""Resume tokens (``wsroom._tokens``): signed, expiring, never forgeable, never leaked.
+"""Resume tokens (``wsroom._core.tokens``): signed, expiring, never forgeable, never leaked.
 
 A token is accepted only as issued, with the right key, before its expiry. Everything
 else is refused with a `TokenError` (and nothing else, whatever the input), whose
@@ -20,7 +20,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from wsroom._tokens import ResumeClaims, TokenError, TokenProblem, TokenSigner
+from wsroom._core.tokens import ResumeClaims, TokenError, TokenProblem, TokenSigner
 
 SECRET = b"correct horse battery staple 42!"
 OTHER = b"another server's secret, 32 byte"

@@ -3,7 +3,9 @@
 The public API is what this module exports; everything in ``wsroom._*`` is private.
 """
 
-from ._backplane import (
+from wsroom._asgi.static import static_files
+from wsroom._asgi.transport import Handshake
+from wsroom._backplane.base import (
     Backplane,
     Envelope,
     MemoryBackplane,
@@ -12,10 +14,9 @@ from ._backplane import (
     StaleSession,
     StateEvents,
 )
-from ._codes import CloseCode, ErrorCode, should_reconnect
-from ._config import HubConfig, RoomConfig
-from ._connection import Connection, Identity
-from ._errors import (
+from wsroom._core.codes import CloseCode, ErrorCode, should_reconnect
+from wsroom._core.config import HubConfig, RoomConfig
+from wsroom._core.errors import (
     BackplaneUnavailable,
     ClientError,
     HubNotRunning,
@@ -23,13 +24,12 @@ from ._errors import (
     Reject,
     WsroomError,
 )
-from ._handlers import MessageContext
-from ._history import HistoryLimits, Recovery
-from ._hub import Hub, HubStats
-from ._presence import PresenceEntry, PresenceStatus
-from ._queue import Policy
-from ._static import static_files
-from ._transport import Handshake
+from wsroom._core.history import HistoryLimits, Recovery
+from wsroom._core.presence import PresenceEntry, PresenceStatus
+from wsroom._core.queue import Policy
+from wsroom._runtime.connection import Connection, Identity
+from wsroom._runtime.handlers import MessageContext
+from wsroom._runtime.hub import Hub, HubStats
 
 __version__ = "0.1.0.dev0"
 

@@ -46,7 +46,7 @@ from urllib.parse import urlsplit
 import anyio
 from anyio.abc import TaskGroup
 
-from .client import Client, ClientClosed, RequestError, Snapshot
+from wsroom.client import Client, ClientClosed, RequestError, Snapshot
 
 __all__ = ["Histogram", "Options", "SetupError", "format_report", "main", "parse_args",
            "report", "run"]

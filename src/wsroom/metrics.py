@@ -48,8 +48,8 @@ if TYPE_CHECKING:
 
     from starlette.types import ASGIApp, Receive, Scope, Send
 
-    from ._hub import Hub
-    from ._metrics import Histogram
+    from wsroom._core.metrics import Histogram
+    from wsroom._runtime.hub import Hub
 
 __all__ = ["HubCollector", "metrics_app"]
 

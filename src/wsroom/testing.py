@@ -31,9 +31,9 @@ from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontext
 import anyio
 import pytest
 
-from ._backplane import Backplane, Envelope
-from ._history import HistoryLimits, Recovery
-from ._protocol import msg_frame_from, msg_payload
+from wsroom._backplane.base import Backplane, Envelope
+from wsroom._core.history import HistoryLimits, Recovery
+from wsroom._core.protocol import msg_frame_from, msg_payload
 
 __all__ = ["BackplaneConformance", "Recorder"]
 

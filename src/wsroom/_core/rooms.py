@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Hashable
 from typing import Generic, TypeVar
 
-from ._config import RoomConfig
+from wsroom._core.config import RoomConfig
 
 __all__ = ["Room", "Rooms"]
 

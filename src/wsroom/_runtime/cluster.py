@@ -28,11 +28,11 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from ._backplane import PresenceOp, SessionRecord
-from ._errors import BackplaneUnavailable
+from wsroom._backplane.base import PresenceOp, SessionRecord
+from wsroom._core.errors import BackplaneUnavailable
 
 if TYPE_CHECKING:
-    from ._hub import Hub, HubSession
+    from wsroom._runtime.hub import Hub, HubSession
 
 __all__ = ["Cluster"]
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 
-from ._admission import TrustedProxies
-from ._history import HistoryLimits
-from ._origin import normalize_origin
-from ._queue import Policy
+from wsroom._core.admission import TrustedProxies
+from wsroom._core.history import HistoryLimits
+from wsroom._core.origin import normalize_origin
+from wsroom._core.queue import Policy
 
 __all__ = ["HubConfig", "RoomConfig"]
 

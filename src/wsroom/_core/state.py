@@ -22,7 +22,7 @@ import logging
 from dataclasses import dataclass
 from enum import Enum
 
-from ._codes import CloseCode
+from wsroom._core.codes import CloseCode
 
 __all__ = ["CloseReason", "ConnState", "ConnectionStateMachine", "Disposition",
            "IllegalTransition", "disposition"]

@@ -13,7 +13,7 @@ from collections import deque
 from dataclasses import dataclass
 from itertools import islice
 
-from ._queue import frame_size
+from wsroom._core.queue import frame_size
 
 __all__ = ["HistoryLimits", "Recovery", "StreamHistory"]
 

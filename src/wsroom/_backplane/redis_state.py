@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 
 from pydantic_core import to_json
 
-from ._backplane import PresenceOp, SessionRecord, StaleSession
+from wsroom._backplane.base import PresenceOp, SessionRecord, StaleSession
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis

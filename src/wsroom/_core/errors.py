@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._codes import ErrorCode
+from wsroom._core.codes import ErrorCode
 
 __all__ = ["BackplaneUnavailable", "ClientError", "HubNotRunning", "MessageTooLarge",
            "Reject", "WsroomError"]

@@ -37,8 +37,8 @@ import anyio
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from ._codes import should_reconnect
-from ._wsclient import ConnectionClosed, HandshakeRejected, WebSocket, connect
+from wsroom._core.codes import should_reconnect
+from wsroom.client._websocket import ConnectionClosed, HandshakeRejected, WebSocket, connect
 
 __all__ = ["Client", "ClientClosed", "Message", "RequestError", "Snapshot",
            "backoff_delay"]

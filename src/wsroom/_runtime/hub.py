@@ -45,32 +45,32 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
-from ._admission import Admission, TrustedProxies, client_key
-from ._backplane import Backplane, Envelope, MemoryBackplane, PresenceOp, StaleSession
-from ._cluster import Cluster
-from ._config import HubConfig, RoomConfig
-from ._connection import Connection, Identity
-from ._errors import HubNotRunning, MessageTooLarge, check_close
-from ._flush import Flusher
-from ._handlers import Handler, Handlers, MessageScope
-from ._metrics import Metrics
-from ._origin import OriginPolicy
-from ._presence import PresenceEntry, RoomPresence
-from ._protocol import (
+from wsroom._asgi.signals import drain_on_signals
+from wsroom._asgi.transport import AsgiTransport, Handshake
+from wsroom._backplane.base import Backplane, Envelope, MemoryBackplane, PresenceOp, StaleSession
+from wsroom._core.admission import Admission, TrustedProxies, client_key
+from wsroom._core.config import HubConfig, RoomConfig
+from wsroom._core.errors import HubNotRunning, MessageTooLarge, check_close
+from wsroom._core.metrics import Metrics
+from wsroom._core.origin import OriginPolicy
+from wsroom._core.presence import PresenceEntry, RoomPresence
+from wsroom._core.protocol import (
     encode,
     left_frame,
     msg_payload,
     presence_diff_frame,
     presence_state_frame,
 )
-from ._queue import Policy, frame_size
-from ._rooms import Rooms
-from ._sessions import INBOX, Session, SessionRegistry, inbox_key, inbox_owner
-from ._signals import drain_on_signals
-from ._state import CloseReason
-from ._timers import Timers
-from ._tokens import ResumeClaims, TokenSigner
-from ._transport import AsgiTransport, Handshake
+from wsroom._core.queue import Policy, frame_size
+from wsroom._core.rooms import Rooms
+from wsroom._core.sessions import INBOX, Session, SessionRegistry, inbox_key, inbox_owner
+from wsroom._core.state import CloseReason
+from wsroom._core.tokens import ResumeClaims, TokenSigner
+from wsroom._runtime.cluster import Cluster
+from wsroom._runtime.connection import Connection, Identity
+from wsroom._runtime.flush import Flusher
+from wsroom._runtime.handlers import Handler, Handlers, MessageScope
+from wsroom._runtime.timers import Timers
 
 __all__ = ["Hub", "HubStats"]
 

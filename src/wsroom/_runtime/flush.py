@@ -30,10 +30,10 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.lowlevel
 
-from ._state import CloseReason
+from wsroom._core.state import CloseReason
 
 if TYPE_CHECKING:
-    from ._connection import Connection
+    from wsroom._runtime.connection import Connection
 
 __all__ = ["Continuation", "Flusher", "start_eagerly"]
 

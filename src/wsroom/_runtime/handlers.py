@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 from pydantic import TypeAdapter
 
 if TYPE_CHECKING:
-    from ._connection import Connection
-    from ._hub import Hub
+    from wsroom._runtime.connection import Connection
+    from wsroom._runtime.hub import Hub
 
 __all__ = ["Handler", "Handlers", "MessageContext", "MessageScope", "Route"]
 

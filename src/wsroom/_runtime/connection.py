@@ -65,13 +65,12 @@ from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from pydantic import ValidationError
 
-from ._budget import ErrorBudget
-from ._codes import CloseCode, ErrorCode, should_reconnect
-from ._errors import BackplaneUnavailable, ClientError, Reject, check_close
-from ._flush import Continuation, start_eagerly
-from ._handlers import MessageContext
-from ._heartbeat import Beat, Heartbeat
-from ._protocol import (
+from wsroom._asgi.transport import Disconnected, Handshake, Transport
+from wsroom._core.budget import ErrorBudget
+from wsroom._core.codes import CloseCode, ErrorCode, should_reconnect
+from wsroom._core.errors import BackplaneUnavailable, ClientError, Reject, check_close
+from wsroom._core.heartbeat import Beat, Heartbeat
+from wsroom._core.protocol import (
     BadFrame,
     Hello,
     Msg,
@@ -86,16 +85,17 @@ from ._protocol import (
     stream_frame,
     welcome_frame,
 )
-from ._queue import OutboundQueue, Policy, PushResult, frame_size
-from ._rate import RateLimiter, Verdict
-from ._sessions import INBOX, inbox_key
-from ._state import CloseReason, ConnectionStateMachine, ConnState, disposition
-from ._tokens import ResumeClaims, TokenError
-from ._transport import Disconnected, Handshake, Transport
+from wsroom._core.queue import OutboundQueue, Policy, PushResult, frame_size
+from wsroom._core.rate import RateLimiter, Verdict
+from wsroom._core.sessions import INBOX, inbox_key
+from wsroom._core.state import CloseReason, ConnectionStateMachine, ConnState, disposition
+from wsroom._core.tokens import ResumeClaims, TokenError
+from wsroom._runtime.flush import Continuation, start_eagerly
+from wsroom._runtime.handlers import MessageContext
 
 if TYPE_CHECKING:
-    from ._backplane import Envelope
-    from ._hub import Hub, HubSession
+    from wsroom._backplane.base import Envelope
+    from wsroom._runtime.hub import Hub, HubSession
 
 __all__ = ["Connection", "Identity"]
 

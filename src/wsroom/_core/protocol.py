@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from pydantic_core import to_json
 
-from ._codes import ErrorCode
+from wsroom._core.codes import ErrorCode
 
 __all__ = [
     "BadFrame", "ClientFrame", "Hello", "Msg", "Pong", "StreamPosition", "encode",

@@ -33,9 +33,9 @@ from typing import Any, Literal, Protocol
 import anyio
 from anyio.abc import TaskGroup
 
-from ._history import HistoryLimits, Recovery, StreamHistory
-from ._protocol import msg_frame_from
-from ._queue import frame_size
+from wsroom._core.history import HistoryLimits, Recovery, StreamHistory
+from wsroom._core.protocol import msg_frame_from
+from wsroom._core.queue import frame_size
 
 __all__ = ["Backplane", "Envelope", "MemoryBackplane", "PresenceOp", "SessionRecord",
            "StaleSession", "StateEvents"]
