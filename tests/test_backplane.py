@@ -1,4 +1,6 @@
-"""The in-memory backplane (``wsroom._backplane.base.MemoryBackplane``).
+"""The in-memory backplane (``wsroom._backplane.memory.MemoryBackplane``), and the two
+backplane interfaces (``Backplane`` for streams, ``SharedState`` for what shared
+backplanes share besides).
 
 It numbers each stream's messages, keeps their bounded history and delivers them
 synchronously, in offset order, to the callback the hub bound. A stream is forgotten
@@ -13,8 +15,8 @@ import anyio
 import pytest
 
 from support import running, wait_for
-from wsroom import CloseCode, Connection, Hub
-from wsroom._backplane.base import Backplane, Envelope, MemoryBackplane
+from wsroom import CloseCode, Connection, Hub, SharedState
+from wsroom._backplane import Backplane, Envelope, MemoryBackplane
 from wsroom._core.history import HistoryLimits, Recovery
 from wsroom._core.protocol import msg_frame_from, msg_payload
 
@@ -225,6 +227,116 @@ async def test_since_and_position_of_an_unknown_stream() -> None:
     with pytest.raises(KeyError):
         await backplane.position("nowhere")
     assert len(backplane) == 0  # asking did not create it
+
+
+# -------------------------------------------------------------- the two interfaces
+
+
+class Streams(MemoryBackplane):
+    """A custom backplane, written against the stream interface only."""
+
+
+class LegacyShared(MemoryBackplane):
+    """Written for the old single interface: says shared, but is no SharedState."""
+
+    shared = True
+
+
+class Shared(MemoryBackplane, SharedState):
+    """A custom shared backplane (its shared state trivial)."""
+
+    worker = "w1"
+
+    def bind_state(self, events: object) -> None:
+        pass
+
+    async def save_session(self, record: object, ttl: float) -> bool:
+        return True
+
+    async def claim_session(self, session: str, member: str, generation: int,
+                            ttl: float) -> None:
+        return None
+
+    async def detach_session(self, session: str, window: float) -> None:
+        pass
+
+    async def end_session(self, session: str) -> None:
+        pass
+
+    async def announce(self, op: object) -> None:
+        pass
+
+    async def roster(self, room: str) -> list[object]:  # type: ignore[override]
+        return []
+
+    async def refresh(self, sessions: list[str], ttl: float, window: float) -> None:
+        pass
+
+    async def session_owners(self, sessions: list[str]) -> dict[str, str | None]:
+        return {}
+
+    async def disconnect_sessions(self, sessions: list[str], code: int, reason: str
+                                  ) -> int:
+        return 0
+
+    async def member_sessions(self, member: str) -> list[str]:
+        return []
+
+
+class ShareNothing(Shared):
+    """Implements SharedState but says it is not shared."""
+
+    @property
+    def shared(self) -> bool:
+        return False
+
+
+def test_the_memory_backplane_is_streams_only() -> None:
+    backplane = MemoryBackplane()
+    assert isinstance(backplane, Backplane)
+    assert not isinstance(backplane, SharedState)
+    assert backplane.shared is False
+    assert backplane.worker == "local"
+    for method in ("bind_state", "save_session", "claim_session", "member_sessions",
+                   "roster", "refresh", "disconnect_sessions"):
+        assert not hasattr(backplane, method), method  # no NotImplementedError stubs
+    with pytest.raises(AttributeError):
+        backplane.shared = True  # type: ignore[misc]
+
+
+def test_shared_is_derived_from_the_interfaces() -> None:
+    assert Streams().shared is False
+    Streams().bind(lambda envelope: None, lambda stream: None)
+    shared = Shared()
+    assert shared.shared is True
+    shared.bind(lambda envelope: None, lambda stream: None)
+
+
+def test_saying_shared_without_implementing_shared_state_is_a_type_error() -> None:
+    with pytest.raises(TypeError, match=r"LegacyShared says shared = True but does not "
+                                        r"implement wsroom\.SharedState"):
+        LegacyShared().bind(lambda envelope: None, lambda stream: None)
+    with pytest.raises(TypeError, match="LegacyShared says shared = True"):
+        Hub(backplane=LegacyShared())
+    with pytest.raises(TypeError, match="ShareNothing implements SharedState"):
+        ShareNothing().bind(lambda envelope: None, lambda stream: None)
+
+
+def test_shared_state_is_abstract() -> None:
+    class Partial(MemoryBackplane, SharedState):
+        async def member_sessions(self, member: str) -> list[str]:
+            return []
+
+    with pytest.raises(TypeError, match="abstract"):
+        Partial()
+
+
+def test_the_old_import_path_of_the_memory_backplane() -> None:
+    from wsroom._backplane import base, memory
+
+    assert base.MemoryBackplane is memory.MemoryBackplane is MemoryBackplane
+    with pytest.raises(AttributeError):
+        base.Nothing  # noqa: B018
 
 
 # ------------------------------------------------------------------ the hub's side

@@ -39,3 +39,15 @@ def test_the_public_submodules() -> None:
                                           "RequestError", "Snapshot", "backoff_delay"}
     assert set(wsroom.redis.__all__) == {"RedisBackplane"}
     assert set(wsroom.testing.__all__) == {"BackplaneConformance", "Recorder"}
+
+
+def test_the_backplane_interfaces() -> None:
+    """Streams (`Backplane`) and shared state (`SharedState`) are separate interfaces;
+    a shared backplane implements both."""
+    from wsroom.redis import RedisBackplane
+
+    assert issubclass(RedisBackplane, wsroom.Backplane)
+    assert issubclass(RedisBackplane, wsroom.SharedState)
+    assert issubclass(wsroom.MemoryBackplane, wsroom.Backplane)
+    assert not issubclass(wsroom.MemoryBackplane, wsroom.SharedState)
+    assert not issubclass(wsroom.SharedState, wsroom.Backplane)

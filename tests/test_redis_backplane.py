@@ -457,3 +457,57 @@ async def test_two_hubs_share_a_room_through_redis(prefix: str) -> None:
             seen.append([tuple(m["data"]) for m in msgs])
         assert all(order == seen[0] for order in seen)
         assert sorted(seen[0]) == sorted((i, n) for i in range(2) for n in range(25))
+
+
+# -------------------------------------------------------------------- shared state
+
+SHARED_CALLS: list[tuple[str, tuple[Any, ...], str]] = [
+    ("save_session", ("RECORD", 30), "saving a session"),
+    ("claim_session", ("s1", "ann", 1, 30), "claiming a session"),
+    ("detach_session", ("s1", 60), "detaching a session"),
+    ("end_session", ("s1",), "ending a session"),
+    ("announce", ("OP",), "announcing a roster change"),
+    ("roster", ("lobby",), "roster of room 'lobby'"),
+    ("refresh", (["s1"], 30, 60), "liveness refresh"),
+    ("session_owners", (["s1"],), "session owners"),
+    ("disconnect_sessions", (["s1"], 4000, "bye"), "disconnecting sessions"),
+    ("member_sessions", ("ann",), "sessions of member 'ann'"),
+]
+
+
+def _args(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    from wsroom import PresenceOp, SessionRecord
+
+    fill = {"RECORD": SessionRecord("s1", "ann", 1, (1,), ()),
+            "OP": PresenceOp("lobby", "attach", "ann", "s1")}
+    return tuple(fill.get(arg, arg) if isinstance(arg, str) else arg for arg in args)
+
+
+@pytest.mark.parametrize(("method", "args", "what"), SHARED_CALLS,
+                         ids=[call[0] for call in SHARED_CALLS])
+async def test_shared_state_errors_are_backplane_unavailable(
+        method: str, args: tuple[Any, ...], what: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Every shared-state operation maps a Redis or socket error the same way: a
+    warning, and BackplaneUnavailable naming what failed; no counter moves."""
+    redis_or_skip()
+    from wsroom import SharedState
+    from wsroom.redis import RedisBackplane
+
+    idle = RedisBackplane(f"redis://127.0.0.1:{free_port()}/0")
+    assert isinstance(idle, SharedState)
+    assert idle.shared
+    with pytest.raises(RuntimeError, match="not started"):
+        await getattr(idle, method)(*_args(args))
+    async with backplanes(1, f"redis://127.0.0.1:{free_port()}/0") as (recorder,):
+        backplane = recorder.backplane
+        assert not backplane.healthy  # nothing listens there
+        before = dict(backplane.counters())
+        caplog.clear()
+        with pytest.raises(BackplaneUnavailable, match=f"^Redis: {what} failed: ") as info:
+            await getattr(backplane, method)(*_args(args))
+        assert info.value.__cause__ is not None
+        assert [r.getMessage() for r in caplog.records if r.name == "wsroom.redis"
+                and r.getMessage().startswith(f"redis backplane: {what} failed: ")]
+        assert backplane.counters() == before
+        assert recorder.events.count(("reannounce",)) == 0

@@ -5,12 +5,13 @@ The public API is what this module exports; everything in ``wsroom._*`` is priva
 
 from wsroom._asgi.static import static_files
 from wsroom._asgi.transport import Handshake
-from wsroom._backplane.base import (
+from wsroom._backplane import (
     Backplane,
     Envelope,
     MemoryBackplane,
     PresenceOp,
     SessionRecord,
+    SharedState,
     StaleSession,
     StateEvents,
 )
@@ -59,6 +60,7 @@ __all__ = (
     "Reject",
     "RoomConfig",
     "SessionRecord",
+    "SharedState",
     "StaleSession",
     "StateEvents",
     "WsroomError",

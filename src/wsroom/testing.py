@@ -18,6 +18,10 @@ class TestMyBackplane(BackplaneConformance):
         yield backplane               # the suite binds, starts and closes it
 ```
 
+A backplane that is shared implements `SharedState` beside `Backplane` (sessions and
+presence shared by the workers); the suite then also checks its shared state, through
+two backplanes made in one test.
+
 Every test is an ``anyio`` test: set the ``anyio_backend`` fixture to the async
 libraries the backplane supports.
 """
@@ -25,13 +29,20 @@ libraries the backplane supports.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 
 import anyio
 import pytest
 
-from wsroom._backplane.base import Backplane, Envelope
+from wsroom._backplane.base import (
+    Backplane,
+    Envelope,
+    PresenceOp,
+    SessionRecord,
+    SharedState,
+    StaleSession,
+)
 from wsroom._core.history import HistoryLimits, Recovery
 from wsroom._core.protocol import msg_frame_from, msg_payload
 
@@ -40,14 +51,63 @@ __all__ = ["BackplaneConformance", "Recorder"]
 LIMITS = HistoryLimits()
 
 
+async def _until(condition: Callable[[], bool], within: float) -> None:
+    with anyio.fail_after(within):
+        while not condition():  # noqa: ASYNC110 - polled
+            await anyio.sleep(0.005)
+
+
+class _StateEvents:
+    """The `StateEvents` a shared backplane reported, as ``(method, *args)`` tuples."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[object, ...]] = []
+
+    def presence(self, op: PresenceOp) -> None:
+        self.seen.append(("presence", op))
+
+    def session_moved(self, session: str) -> None:
+        self.seen.append(("session_moved", session))
+
+    def session_ended(self, session: str) -> None:
+        self.seen.append(("session_ended", session))
+
+    def disconnect(self, session: str, code: int, reason: str) -> None:
+        self.seen.append(("disconnect", session, code, reason))
+
+    def resynced(self) -> None:
+        self.seen.append(("resynced",))
+
+    def reannounce(self) -> None:
+        self.seen.append(("reannounce",))
+
+
 class Recorder:
-    """What a backplane delivered and reported lost (it stands in for the hub)."""
+    """What a backplane delivered and reported lost (it stands in for the hub); for a
+    `SharedState` backplane also what it reported through `StateEvents` (`events`)."""
 
     def __init__(self, backplane: Backplane) -> None:
         self.backplane = backplane
         self.delivered: list[Envelope] = []
         self.lost: list[str] = []
+        self.events: list[tuple[object, ...]] = []
+        """The `StateEvents` calls of a shared backplane, as ``(method, *args)``."""
         backplane.bind(self.delivered.append, self.lost.append)
+        if isinstance(backplane, SharedState):
+            state = _StateEvents()
+            self.events = state.seen
+            backplane.bind_state(state)
+
+    @property
+    def state(self) -> SharedState:
+        """The backplane's shared state (skips the test if it has none)."""
+        if not isinstance(self.backplane, SharedState):
+            pytest.skip("the backplane has no shared state")
+        return self.backplane
+
+    async def event(self, *event: object, within: float = 10) -> None:
+        """Wait until the backplane reported `event`, e.g. ``("session_moved", id)``."""
+        await _until(lambda: event in self.events, within)
 
     def of(self, stream: str) -> list[Envelope]:
         """The envelopes delivered for `stream`, in delivery order."""
@@ -55,9 +115,7 @@ class Recorder:
 
     async def wait(self, stream: str, count: int, within: float = 10) -> list[Envelope]:
         """Wait until `count` envelopes of `stream` were delivered; return them."""
-        with anyio.fail_after(within):
-            while len(self.of(stream)) < count:  # noqa: ASYNC110 - polled
-                await anyio.sleep(0.005)
+        await _until(lambda: len(self.of(stream)) >= count, within)
         return self.of(stream)
 
 
@@ -71,8 +129,9 @@ class BackplaneConformance:
     `make_backplane`. The class attributes describe what may differ."""
 
     shared: bool = False
-    """Several instances share streams (a publish on one is delivered on the others).
-    Not shared: publishing to a stream that is not open raises KeyError."""
+    """Several instances share streams (a publish on one is delivered on the others),
+    sessions and presence: the backplane implements `SharedState`. Not shared:
+    publishing to a stream that is not open raises KeyError."""
 
     forgets_closed_streams: bool = True
     """A closed stream is forgotten: opened again, it starts a new epoch. If False,
@@ -391,3 +450,80 @@ class BackplaneConformance:
             await self.publish(a, "lobby", self.payloads(1))
             await b.wait("lobby", 2)
             assert _offsets(b.of("lobby")) == [1, 4]
+
+    async def test_shared_is_what_the_class_implements(self) -> None:
+        async with self.recorders() as (recorder,):
+            backplane = recorder.backplane
+            assert backplane.shared is self.shared
+            assert isinstance(backplane, SharedState) is self.shared
+
+    # ----------------------------------------------------------------- shared state
+
+    async def test_shared_state_a_session_moves_to_the_worker_that_claims_it(self) -> None:
+        if not self.shared:
+            pytest.skip("the backplane is not shared")
+        async with self.recorders(2) as (a, b):
+            sa, sb = a.state, b.state
+            assert sa.worker != sb.worker
+            record = SessionRecord("s1", "ann", 2, (1, 2), ("lobby",), {"name": "Ann"})
+            assert await sa.save_session(record, 30)
+            assert await sb.member_sessions("ann") == ["s1"]
+            assert await sb.session_owners(["s1", "nope"]) == {"s1": sa.worker,
+                                                               "nope": None}
+            assert await sb.claim_session("s1", "ann", 2, 30) == record
+            await a.event("session_moved", "s1")
+            assert await sa.session_owners(["s1"]) == {"s1": sb.worker}
+            assert not await sa.save_session(record, 30)  # taken over: let it go
+            with pytest.raises(StaleSession):
+                await sa.claim_session("s1", "ann", 0, 30)
+            assert await sa.claim_session("nope", "ann", 1, 30) is None
+            # Detached on b: nobody holds it; claimed back on a, b is told.
+            await sb.detach_session("s1", 60)
+            assert await sa.session_owners(["s1"]) == {"s1": ""}
+            assert await sa.claim_session("s1", "ann", 1, 30) == record
+            await b.event("session_moved", "s1")
+            await sa.end_session("s1")
+            assert await sb.session_owners(["s1"]) == {"s1": None}
+            assert await sb.member_sessions("ann") == []
+            assert await sb.claim_session("s1", "ann", 2, 30) is None
+
+    async def test_shared_state_rosters_in_order_of_arrival(self) -> None:
+        if not self.shared:
+            pytest.skip("the backplane is not shared")
+        async with self.recorders(2) as (a, b):
+            sa, sb = a.state, b.state
+            await b.backplane.open("lobby", LIMITS)  # a worker with members there
+            ann = PresenceOp("lobby", "attach", "ann", "s1", {"name": "Ann"},
+                             {"device": "phone"}, sa.worker)
+            await sa.announce(ann)
+            await b.event("presence", ann)
+            bob = PresenceOp("lobby", "attach", "bob", "s2", worker=sb.worker)
+            await sb.announce(bob)
+            assert await sa.roster("lobby") == [ann, bob]
+            away = PresenceOp("lobby", "detach", "ann", "s1", {"name": "Ann"},
+                              worker=sa.worker)
+            await sa.announce(away)
+            await b.event("presence", away)
+            assert await sb.roster("lobby") == [away, bob]  # ann arrived first
+            gone = PresenceOp("lobby", "remove", "ann", "s1", worker=sa.worker)
+            await sa.announce(gone)
+            await b.event("presence", gone)
+            assert await sb.roster("lobby") == [bob]
+            assert await sb.roster("elsewhere") == []
+
+    async def test_shared_state_disconnect_sessions_held_elsewhere(self) -> None:
+        if not self.shared:
+            pytest.skip("the backplane is not shared")
+        async with self.recorders(2) as (a, b):
+            sa, sb = a.state, b.state
+            assert await sa.save_session(SessionRecord("s1", "ann", 1, (1,), ()), 30)
+            assert await sa.save_session(SessionRecord("s2", "ann", 1, (1,), ()), 30)
+            await sa.detach_session("s2", 60)
+            assert await sb.disconnect_sessions(["s1", "s2", "nope"], 4000, "bye") == 2
+            # Live on a: its worker closes and ends it. Detached: ended at once.
+            await a.event("disconnect", "s1", 4000, "bye")
+            await a.event("session_ended", "s2")
+            assert await sb.session_owners(["s1", "s2"]) == {"s1": sa.worker, "s2": None}
+            assert await sb.disconnect_sessions([], 4000, "bye") == 0
+            await sa.end_session("s1")
+            assert await sb.member_sessions("ann") == []

@@ -3,12 +3,13 @@
 from wsroom._backplane.base import (
     Backplane,
     Envelope,
-    MemoryBackplane,
     PresenceOp,
     SessionRecord,
+    SharedState,
     StaleSession,
     StateEvents,
 )
+from wsroom._backplane.memory import MemoryBackplane
 
 __all__ = ["Backplane", "Envelope", "MemoryBackplane", "PresenceOp", "SessionRecord",
-           "StaleSession", "StateEvents"]
+           "SharedState", "StaleSession", "StateEvents"]

@@ -1,13 +1,16 @@
-"""The backplane: where streams are numbered, remembered and fanned out.
+"""The backplane interfaces: where streams are numbered, remembered and fanned out, and
+where a shared backplane keeps the state that several workers share.
 
 A hub never numbers a message itself. It hands the message to its backplane, which
 assigns the next offset of the stream, keeps the message in the stream's bounded
 history, and delivers it to every hub that has members on the stream (in one process:
-to the hub that published it, synchronously). The in-memory backplane here serves one
-process with zero set-up; a Redis backplane (many workers) implements the same
-interface.
+to the hub that published it, synchronously). The in-memory backplane
+(`wsroom._backplane.memory`) serves one process with zero set-up; a Redis backplane
+(many workers) implements the same interface.
 
-The interface is deliberately small:
+Two interfaces, kept apart:
+
+`Backplane`, the streams, is deliberately small:
 
 - `open` a stream before publishing to it (it creates the stream with a fresh epoch if
   it does not exist) and `close` it when no local member needs it any more;
@@ -20,24 +23,30 @@ The interface is deliberately small:
   3010, and they resume from history or a snapshot;
 - `start` and `aclose` bracket the hub's run (a network backplane starts its
   subscriber task there); `healthy` reports whether it can publish and deliver now.
+
+`SharedState`, the sessions and presence rosters that several workers share (so that a
+client resumes on any worker, and every worker sees the whole roster). A backplane whose
+streams other processes also publish to and deliver from implements both:
+``class RedisBackplane(Backplane, SharedState)``; `Backplane.shared` is True exactly
+for those.
 """
 
 from __future__ import annotations
 
-import secrets
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-import anyio
 from anyio.abc import TaskGroup
 
-from wsroom._core.history import HistoryLimits, Recovery, StreamHistory
-from wsroom._core.protocol import msg_frame_from
-from wsroom._core.queue import frame_size
+from wsroom._core.history import HistoryLimits, Recovery
 
-__all__ = ["Backplane", "Envelope", "MemoryBackplane", "PresenceOp", "SessionRecord",
+if TYPE_CHECKING:
+    # Transitional (see `__getattr__` below): the old import path of MemoryBackplane.
+    from wsroom._backplane.memory import MemoryBackplane as MemoryBackplane
+
+__all__ = ["Backplane", "Envelope", "PresenceOp", "SessionRecord", "SharedState",
            "StaleSession", "StateEvents"]
 
 
@@ -143,15 +152,29 @@ class StateEvents(Protocol):
 
 
 class Backplane(ABC):
-    """Numbering, history and fan-out of streams (see the module docstring)."""
+    """Numbering, history and fan-out of streams (see the module docstring).
+
+    A backplane whose streams other processes share (a room may have members elsewhere
+    even when it has none here) also implements `SharedState`.
+    """
 
     _deliver: Deliver
     _lost: Lost
 
+    worker: str = "local"
+    """This process' id among the workers sharing the backplane (`SharedState`);
+    ``"local"`` for a backplane that is not shared."""
+
     def bind(self, deliver: Deliver, lost: Lost) -> None:
         """Called once by the hub: `deliver` receives every message of the streams
         this process has open, in offset order per stream, and `lost` the name of a
-        stream some of whose messages could not be delivered. Neither may block."""
+        stream some of whose messages could not be delivered. Neither may block.
+
+        Raises:
+            TypeError: if `shared` disagrees with the class: a backplane that says it
+                is shared must implement `SharedState` (and one that does is shared).
+        """
+        _check_shared(self)
         self._deliver = deliver
         self._lost = lost
 
@@ -161,81 +184,12 @@ class Backplane(ABC):
     async def aclose(self) -> None:  # noqa: B027 - optional
         """The hub stopped: release connections."""
 
-    # -------------------------------------------------- shared state (shared backplanes)
-    #
-    # A shared backplane also shares sessions (so that a client resumes on any worker)
-    # and presence (so that every worker sees the whole roster). The hub calls these
-    # only when `shared` is True; each worker applies its own changes at once and
-    # announces them, and applies the others' through `StateEvents`.
-
-    worker: str = "local"
-    """This process' id among the workers sharing the backplane."""
-
-    def bind_state(self, events: StateEvents) -> None:  # noqa: B027 - optional
-        """Called once by the hub (shared backplanes): where to report other workers'
-        changes."""
-
-    async def save_session(self, record: SessionRecord, ttl: float) -> bool:
-        """Store (or update) a live session's record, owned by this worker; it lives
-        `ttl` seconds unless saved or refreshed again. False if another worker has
-        taken the session over (this one must let it go)."""
-        raise NotImplementedError
-
-    async def claim_session(self, session: str, member: str, generation: int,
-                            ttl: float) -> SessionRecord | None:
-        """Take over `session` for a resume here (its record then lives `ttl` more
-        seconds); None if it does not exist (ended or expired). The worker that held
-        it is told (`StateEvents.session_moved`).
-
-        Raises:
-            StaleSession: if `generation` was superseded.
-        """
-        raise NotImplementedError
-
-    async def detach_session(self, session: str, window: float) -> None:
-        """The session's client dropped: it ends in `window` seconds unless claimed."""
-        raise NotImplementedError
-
-    async def end_session(self, session: str) -> None:
-        """The session is over: forget its record and remove it from every roster."""
-        raise NotImplementedError
-
-    async def announce(self, op: PresenceOp) -> None:
-        """Record a roster change and tell the other workers."""
-        raise NotImplementedError
-
-    async def roster(self, room: str) -> list[PresenceOp]:
-        """The room's whole roster, as ``attach`` (online) and ``detach`` (away) ops in
-        order of arrival."""
-        raise NotImplementedError
-
-    async def refresh(self, sessions: list[str], ttl: float, window: float) -> None:
-        """This worker is alive and still holds `sessions` (their records live `ttl`
-        more seconds). Also: declare workers that stopped refreshing dead (their
-        sessions detach, ending `window` seconds later), and end the detached sessions
-        whose window has passed."""
-        raise NotImplementedError
-
-    async def session_owners(self, sessions: list[str]) -> dict[str, str | None]:
-        """Which worker holds each session now: its id, ``""`` while detached, None
-        if the session no longer exists."""
-        raise NotImplementedError
-
-    async def disconnect_sessions(self, sessions: list[str], code: int, reason: str
-                                  ) -> int:
-        """End `sessions` (held by other workers, or detached): their workers close
-        their connections with `code`; return how many existed."""
-        raise NotImplementedError
-
-    async def member_sessions(self, member: str) -> list[str]:
-        """The ids of `member`'s sessions on every worker."""
-        raise NotImplementedError
-
     @property
     def shared(self) -> bool:
         """True if other processes publish to and deliver from the same streams (a
-        room may have members elsewhere even when it has none here)."""
-        return False
+        room may have members elsewhere even when it has none here): exactly when the
+        backplane also implements `SharedState`. Read-only; derived from the class."""
+        return isinstance(self, SharedState)
 
     def counters(self) -> Mapping[str, int]:
         """Event counts for metrics (``wsroom_backplane_events_total``), e.g.
@@ -285,52 +239,130 @@ class Backplane(ABC):
     async def since(self, stream: str, epoch: str, offset: int) -> Recovery:
         """Everything after ``(epoch, offset)`` on `stream`, or not recovered."""
 
+    if TYPE_CHECKING:
+        # Transitional, for the type checker only: the runtime still calls the
+        # shared-state methods on its `Backplane` (after checking `shared`). They are
+        # not part of this interface (a `Backplane` object has none of them unless it
+        # is a `SharedState`); drop this block once the runtime narrows with
+        # ``isinstance(backplane, SharedState)``.
 
-class MemoryBackplane(Backplane):
-    """One process: streams live as long as a local member needs them.
+        def bind_state(self, events: StateEvents) -> None: ...
+        async def save_session(self, record: SessionRecord, ttl: float) -> bool: ...
+        async def claim_session(self, session: str, member: str, generation: int,
+                                ttl: float) -> SessionRecord | None: ...
+        async def detach_session(self, session: str, window: float) -> None: ...
+        async def end_session(self, session: str) -> None: ...
+        async def announce(self, op: PresenceOp) -> None: ...
+        async def roster(self, room: str) -> list[PresenceOp]: ...
+        async def refresh(self, sessions: list[str], ttl: float, window: float
+                          ) -> None: ...
+        async def session_owners(self, sessions: list[str]
+                                 ) -> dict[str, str | None]: ...
+        async def disconnect_sessions(self, sessions: list[str], code: int, reason: str
+                                      ) -> int: ...
+        async def member_sessions(self, member: str) -> list[str]: ...
 
-    A stream that is closed is forgotten: if it is opened again it starts a new epoch,
-    so no client can mistake the new offsets for the old ones.
+
+class SharedState(ABC):
+    """Sessions and presence rosters shared by the workers of one backplane.
+
+    Implemented, beside `Backplane`, by a backplane that several workers share (such
+    as `wsroom.redis.RedisBackplane`), so that a client resumes on any worker and every
+    worker sees the whole roster. Each worker applies its own changes at once and
+    announces them here; it learns the others' through the `StateEvents` it binds.
+    The hub calls these methods only on a backplane that implements this interface.
+    Provisional: it may change before 1.0.
+
+    Every method may raise `BackplaneUnavailable` when the shared store cannot be
+    reached (the hub retries the changes it must not lose).
     """
 
-    def __init__(self) -> None:
-        self._streams: dict[str, StreamHistory] = {}
+    worker: str
+    """This process' id among the workers sharing the backplane."""
 
-    def __len__(self) -> int:
-        return len(self._streams)
+    @abstractmethod
+    def bind_state(self, events: StateEvents) -> None:
+        """Called once by the hub: where to report other workers' changes."""
 
-    async def open(self, stream: str, limits: HistoryLimits) -> tuple[str, int]:
-        history = self._streams.get(stream)
-        if history is None:
-            history = self._streams[stream] = StreamHistory(secrets.token_urlsafe(6), limits)
-        await anyio.lowlevel.checkpoint()
-        return history.epoch, history.offset
+    @abstractmethod
+    async def save_session(self, record: SessionRecord, ttl: float) -> bool:
+        """Store (or update) a live session's record, owned by this worker; it lives
+        `ttl` seconds unless saved or refreshed again. False if another worker has
+        taken the session over (this one must let it go)."""
 
-    async def close(self, stream: str) -> None:
-        self._streams.pop(stream, None)
-        await anyio.lowlevel.checkpoint()
+    @abstractmethod
+    async def claim_session(self, session: str, member: str, generation: int,
+                            ttl: float) -> SessionRecord | None:
+        """Take over `session` for a resume here (its record then lives `ttl` more
+        seconds); None if it does not exist (ended or expired). The worker that held
+        it is told (`StateEvents.session_moved`).
 
-    async def publish(self, stream: str, wire_name: str, payload: str, *,
-                      key: Hashable | None = None, exclude: str | None = None,
-                      limits: HistoryLimits | None = None) -> Envelope:
-        history = self._streams[stream]
-        offset = history.offset + 1
-        frame = msg_frame_from(wire_name, history.epoch, offset, payload)
-        history.append(offset, frame, anyio.current_time())
-        envelope = Envelope(stream, history.epoch, offset, frame, frame_size(frame), key,
-                            exclude)
-        # Synchronously: no membership change can interleave with a fan-out.
-        self._deliver(envelope)
-        return envelope
+        Raises:
+            StaleSession: if `generation` was superseded.
+        """
 
-    async def position(self, stream: str) -> tuple[str, int]:
-        history = self._streams[stream]
-        await anyio.lowlevel.checkpoint()
-        return history.epoch, history.offset
+    @abstractmethod
+    async def detach_session(self, session: str, window: float) -> None:
+        """The session's client dropped: it ends in `window` seconds unless claimed."""
 
-    async def since(self, stream: str, epoch: str, offset: int) -> Recovery:
-        history = self._streams.get(stream)
-        await anyio.lowlevel.checkpoint()
-        if history is None:
-            return Recovery(False, (), "", 0)
-        return history.since(epoch, offset, anyio.current_time())
+    @abstractmethod
+    async def end_session(self, session: str) -> None:
+        """The session is over: forget its record and remove it from every roster."""
+
+    @abstractmethod
+    async def announce(self, op: PresenceOp) -> None:
+        """Record a roster change and tell the other workers."""
+
+    @abstractmethod
+    async def roster(self, room: str) -> list[PresenceOp]:
+        """The room's whole roster, as ``attach`` (online) and ``detach`` (away) ops in
+        order of arrival."""
+
+    @abstractmethod
+    async def refresh(self, sessions: list[str], ttl: float, window: float) -> None:
+        """This worker is alive and still holds `sessions` (their records live `ttl`
+        more seconds). Also: declare workers that stopped refreshing dead (their
+        sessions detach, ending `window` seconds later), and end the detached sessions
+        whose window has passed."""
+
+    @abstractmethod
+    async def session_owners(self, sessions: list[str]) -> dict[str, str | None]:
+        """Which worker holds each session now: its id, ``""`` while detached, None
+        if the session no longer exists."""
+
+    @abstractmethod
+    async def disconnect_sessions(self, sessions: list[str], code: int, reason: str
+                                  ) -> int:
+        """End `sessions` (held by other workers, or detached): their workers close
+        their connections with `code`; return how many existed."""
+
+    @abstractmethod
+    async def member_sessions(self, member: str) -> list[str]:
+        """The ids of `member`'s sessions on every worker."""
+
+
+def _check_shared(backplane: Backplane) -> None:
+    """`shared` must say what the class is (it is a property, but a subclass written
+    for older versions may set it as a class attribute)."""
+    implements = isinstance(backplane, SharedState)
+    if bool(backplane.shared) == implements:
+        return
+    name = type(backplane).__qualname__
+    if implements:
+        raise TypeError(f"{name} implements SharedState, so it is shared: remove its "
+                        "'shared' override (Backplane.shared is derived from the class)")
+    raise TypeError(f"{name} says shared = True but does not implement "
+                    "wsroom.SharedState: subclass it too (class "
+                    f"{name}(Backplane, SharedState)) and implement its methods "
+                    "(sessions and presence shared by the workers), or drop 'shared'")
+
+
+def __getattr__(name: str) -> object:
+    # Transitional: MemoryBackplane moved to wsroom._backplane.memory (import it from
+    # there, or from wsroom._backplane); this keeps the old path working without an
+    # import cycle.
+    if name == "MemoryBackplane":
+        from wsroom._backplane.memory import MemoryBackplane
+
+        return MemoryBackplane
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -38,14 +38,22 @@ import random
 import secrets
 import time
 from collections import deque
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterator, Sequence
+from contextlib import contextmanager
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import anyio
 from anyio.abc import TaskGroup
 
-from wsroom._backplane.base import Backplane, Envelope, PresenceOp, SessionRecord, StateEvents
+from wsroom._backplane.base import (
+    Backplane,
+    Envelope,
+    PresenceOp,
+    SessionRecord,
+    SharedState,
+    StateEvents,
+)
 from wsroom._backplane.redis_state import PRESENCE_TAG, RedisState, parse_control, parse_op
 from wsroom._core.errors import BackplaneUnavailable
 from wsroom._core.history import HistoryLimits, Recovery
@@ -178,8 +186,9 @@ class _Stream:
         self.opened = anyio.Event()  # created in a running event loop (by open)
 
 
-class RedisBackplane(Backplane):
-    """Streams shared by every worker through Redis (see the module docstring).
+class RedisBackplane(Backplane, SharedState):
+    """Streams, sessions and presence shared by every worker through Redis (see the
+    module docstring; the shared state: `wsroom._backplane.redis_state`).
 
     Args:
         url: the Redis server (``redis://``, ``rediss://`` or ``unix://``).
@@ -223,7 +232,6 @@ class RedisBackplane(Backplane):
         self._control = f"{prefix}:w:{self.worker}"
         self._events: StateEvents | None = None
         self._state: RedisState | None = None
-        self._session_ttl = 123.0  # until the hub says (save_session, refresh)
         self._client: Redis | None = None
         self._sub: Redis | None = None
         self._publish_script: AsyncScript | None = None
@@ -250,10 +258,6 @@ class RedisBackplane(Backplane):
         return dict(self.stats)
 
     # ------------------------------------------------------------------ lifecycle
-
-    @property
-    def shared(self) -> bool:
-        return True
 
     @property
     def healthy(self) -> bool:
@@ -334,6 +338,15 @@ class RedisBackplane(Backplane):
     def _unavailable(self, what: str, exc: Exception) -> BackplaneUnavailable:
         log.warning("redis backplane: %s failed: %s", what, _describe(exc))
         return BackplaneUnavailable(f"Redis: {what} failed: {_describe(exc)}")
+
+    @contextmanager
+    def _guard(self, what: str) -> Iterator[None]:
+        """A Redis or socket error inside becomes `BackplaneUnavailable` (logged, with
+        `what` failed); anything else passes through."""
+        try:
+            yield
+        except self._errors as exc:
+            raise self._unavailable(what, exc) from exc
 
     @property
     def _errors(self) -> tuple[type[Exception], ...]:
@@ -497,19 +510,15 @@ class RedisBackplane(Backplane):
         if st is not None and st.ready:
             await anyio.lowlevel.checkpoint()
             return st.epoch, st.last
-        try:
+        with self._guard(f"position of stream {stream!r}"):
             epoch, offset, _ = await self._run_sync(stream, "", -1)
-        except self._errors as exc:
-            raise self._unavailable(f"position of stream {stream!r}", exc) from exc
         return epoch, offset
 
     async def since(self, stream: str, epoch: str, offset: int) -> Recovery:
         self._started()
         assert self._since_script is not None
-        try:
+        with self._guard(f"history of stream {stream!r}"):
             result = await self._since_script(keys=self._keys(stream), args=[offset])
-        except self._errors as exc:
-            raise self._unavailable(f"history of stream {stream!r}", exc) from exc
         current, top, entries, now, max_age = result
         if current is None:
             return Recovery(False, (), "", 0)
@@ -528,7 +537,6 @@ class RedisBackplane(Backplane):
         return Recovery(True, tuple(msg_frame_from(wire, current, item[0], item[4])
                                     for item in items), current, top)
 
-
     # ------------------------------------------------- shared sessions and presence
 
     def bind_state(self, events: StateEvents) -> None:
@@ -539,74 +547,54 @@ class RedisBackplane(Backplane):
         assert self._state is not None
         return self._state
 
+    # Each operation: the started `RedisState` does it; `_guard` maps Redis errors.
+
     async def save_session(self, record: SessionRecord, ttl: float) -> bool:
-        self._session_ttl = ttl
-        try:
+        with self._guard("saving a session"):
             return await self._shared_state().save_session(record, ttl)
-        except self._errors as exc:
-            raise self._unavailable("saving a session", exc) from exc
 
     async def claim_session(self, session: str, member: str, generation: int,
                             ttl: float) -> SessionRecord | None:
-        try:
+        with self._guard("claiming a session"):
             return await self._shared_state().claim_session(session, member, generation,
                                                             ttl)
-        except self._errors as exc:
-            raise self._unavailable("claiming a session", exc) from exc
 
     async def detach_session(self, session: str, window: float) -> None:
-        try:
+        with self._guard("detaching a session"):
             await self._shared_state().detach_session(session, window)
-        except self._errors as exc:
-            raise self._unavailable("detaching a session", exc) from exc
 
     async def end_session(self, session: str) -> None:
-        try:
+        with self._guard("ending a session"):
             await self._shared_state().end_session(session)
-        except self._errors as exc:
-            raise self._unavailable("ending a session", exc) from exc
 
     async def announce(self, op: PresenceOp) -> None:
-        try:
+        with self._guard("announcing a roster change"):
             await self._shared_state().announce(op)
-        except self._errors as exc:
-            raise self._unavailable("announcing a roster change", exc) from exc
 
     async def roster(self, room: str) -> list[PresenceOp]:
-        try:
+        with self._guard(f"roster of room {room!r}"):
             return await self._shared_state().roster(room)
-        except self._errors as exc:
-            raise self._unavailable(f"roster of room {room!r}", exc) from exc
 
     async def refresh(self, sessions: list[str], ttl: float, window: float) -> None:
         state = self._shared_state()
-        self._session_ttl = ttl
         state.window_ms = max(1, int(window * 1000))
-        try:
+        with self._guard("liveness refresh"):
             fresh = await state.refresh(sessions, ttl)
-        except self._errors as exc:
-            raise self._unavailable("liveness refresh", exc) from exc
         if fresh and self._events is not None:
             self._events.reannounce()
 
     async def session_owners(self, sessions: list[str]) -> dict[str, str | None]:
-        try:
+        with self._guard("session owners"):
             return await self._shared_state().session_owners(sessions)
-        except self._errors as exc:
-            raise self._unavailable("session owners", exc) from exc
 
     async def disconnect_sessions(self, sessions: list[str], code: int, reason: str
                                   ) -> int:
-        try:
+        with self._guard("disconnecting sessions"):
             return await self._shared_state().disconnect_sessions(sessions, code, reason)
-        except self._errors as exc:
-            raise self._unavailable("disconnecting sessions", exc) from exc
 
     async def member_sessions(self, member: str) -> list[str]:
-        try:
+        with self._guard(f"sessions of member {member!r}"):
             return await self._shared_state().member_sessions(member)
-        except self._errors as exc:
-            raise self._unavailable(f"sessions of member {member!r}", exc) from exc
 
     def _on_control(self, data: str) -> None:
         parsed = parse_control(data)
