@@ -15,7 +15,7 @@ import anyio
 import pytest
 
 from support import hub_app, load_game, serve
-from wsroom import Connection, Hub, MessageContext, _cli
+from wsroom import Connection, Handshake, Hub, Identity, MessageContext, _cli
 from wsroom.loadtest import Histogram, main
 
 
@@ -25,9 +25,9 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-def say_hub() -> Hub:
+def say_hub(**kwargs: Any) -> Hub:
     """Everyone in one room; ``say`` is broadcast to it as ``said``."""
-    hub = Hub()
+    hub = Hub(**kwargs)
 
     @hub.on_connect
     async def joined(conn: Connection) -> None:
@@ -121,6 +121,104 @@ def test_the_game_setup_failing_is_a_clear_error(capsys: pytest.CaptureFixture[s
     assert "/api/games" in err
 
 
+SCENARIO = """
+import dataclasses
+
+from wsroom.loadtest import Options, SetupError
+
+
+def bots(options: Options) -> Options:
+    # One auth per client, and a label for the report.
+    auths = [{"name": f"bot{number}"} for number in range(options.clients)]
+    return dataclasses.replace(options, auths=auths, labels={"table": "t1"})
+
+
+async def broken(options: Options) -> Options:
+    raise SetupError("no table for you")
+
+
+def crashing(options: Options) -> Options:
+    raise RuntimeError("oops")
+
+
+not_callable = 3
+"""
+
+
+@pytest.fixture
+def scenario_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A directory with a scenario module (``bots_scenario.py``), the current one."""
+    (tmp_path / "bots_scenario.py").write_text(SCENARIO)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def names_hub(seen: list[str]) -> Hub:
+    """`say_hub`, noting the name of every client that connects."""
+    async def authenticate(handshake: Handshake) -> Identity:
+        name = str(handshake.auth["name"])
+        seen.append(name)
+        return Identity(name)
+
+    return say_hub(authenticate=authenticate)
+
+
+@pytest.mark.anyio
+@pytest.mark.e2e
+@pytest.mark.parametrize("spec", ["bots_scenario:bots", "./bots_scenario.py:bots"])
+async def test_a_scenario_plug_in_sets_the_clients_up(scenario_dir: Path, spec: str) -> None:
+    """A module or a file, from the current directory: its callable gets the options
+    and returns those of the run (the auths, one per client; labels for the report)."""
+    seen: list[str] = []
+    out = scenario_dir / "report.json"
+    async with serve(hub_app(names_hub(seen))) as url:
+        status = await run_cli([
+            f"{url}/ws", "--scenario", spec, "--clients", "3", "--duration", "1",
+            "--rate", "2", "--event", "say", "--echo-event", "said", "--quiet",
+            "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert status == 0, report
+    assert report["table"] == "t1"
+    assert sorted(set(seen)) == ["bot0", "bot1", "bot2"]
+    assert report["gaps"] == 0
+    assert report["deliveries"] > 0
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("bots_scenario:broken", "no table for you"),
+    ("bots_scenario:crashing", "the scenario failed: RuntimeError: oops"),
+])
+def test_a_failing_scenario_is_a_setup_error(scenario_dir: Path, spec: str, message: str,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([f"ws://127.0.0.1:{free_port()}/ws", "--scenario", spec, "-q"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: setup failed: {message}" in err
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("bots_scenario:not_callable", "bots_scenario has no callable 'not_callable'"),
+    ("bots_scenario:missing", "bots_scenario has no callable 'missing'"),
+    ("no_such_module:scenario", "cannot import no_such_module"),
+    ("missing/file.py:scenario", "no such file: missing/file.py"),
+])
+def test_a_scenario_that_cannot_be_loaded_is_a_usage_error(
+        scenario_dir: Path, spec: str, message: str,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["ws://127.0.0.1:8000/ws", "--scenario", spec])
+    assert exited.value.code == 2
+    assert f"--scenario: {message}" in capsys.readouterr().err
+
+
+def test_the_tool_knows_no_application() -> None:
+    """The example game's HTTP API lives in its scenario, in examples/."""
+    import wsroom.loadtest
+
+    source = Path(wsroom.loadtest.__file__).read_text()
+    assert "/api/" not in source
+    assert "credential" not in source
+
+
 @pytest.mark.parametrize(("argv", "message"), [
     (["http://127.0.0.1:8000/ws"], "URL must be ws://"),
     (["ws://127.0.0.1:8000/ws", "--clients", "0"], "--clients/-n: must be >= 1"),
@@ -130,6 +228,7 @@ def test_the_game_setup_failing_is_a_clear_error(capsys: pytest.CaptureFixture[s
     (["ws://127.0.0.1:8000/ws", "--data", "{text}"], "--data: not valid JSON"),
     (["ws://127.0.0.1:8000/ws", "--data", "[1, 2]"], "--data must contain"),
     (["ws://127.0.0.1:8000/ws", "--game", "--auth", "{}"], "not allowed with argument"),
+    (["ws://127.0.0.1:8000/ws", "--game", "--scenario", "m:f"], "not allowed with --game"),
     (["ws://127.0.0.1:8000/ws", "--auth-file", "/nonexistent/auths"], "--auth-file"),
     (["ws://127.0.0.1:8000/ws", "--header", "nocolon"], "expected 'Name: value'"),
     ([], "the following arguments are required: url"),

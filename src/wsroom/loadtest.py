@@ -20,6 +20,17 @@ abruptly (``--drop``) to exercise resume, and checks everything it receives:
 - **errors**: ``error`` frames, requests without an answer, closes with a code after
   which the client does not reconnect, clients that never connected.
 
+It knows no application: what a client needs to take part (its ``auth``, a game to sit
+at...) comes from the options (``--auth``, ``--auth-file``) or from a *scenario*, a
+plug-in named on the command line (``--scenario module:callable`` or
+``--scenario path/to/file.py:callable``): a callable that gets the `Options` and returns
+the options of the run (sync or async), usually with ``auths`` set, one per client, and
+``labels`` for the report. The example game's seating is such a scenario, in
+``examples/fastapi_game/loadtest_scenario.py`` (``--game`` is the shortcut to it). The
+clients are plain `wsroom.client.Client` objects, observed through their public
+``on_frame`` and ``on_disconnect`` callbacks and cut with `Client.drop`; the gap check
+is `wsroom._core.cursor.StreamCursor`, the one the client and the server use.
+
 See docs/loadtest.md.
 """
 
@@ -27,17 +38,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
+import importlib.util
+import inspect
 import json
 import math
+import os
 import random
 import signal
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -46,7 +59,8 @@ from urllib.parse import urlsplit
 import anyio
 from anyio.abc import TaskGroup
 
-from wsroom.client import Client, ClientClosed, RequestError, Snapshot
+from wsroom._core.cursor import Step, StreamCursor
+from wsroom.client import Client, ClientClosed, Message, RequestError, Snapshot
 
 __all__ = ["Histogram", "Options", "SetupError", "format_report", "main", "parse_args",
            "report", "run"]
@@ -54,13 +68,28 @@ __all__ = ["Histogram", "Options", "SetupError", "format_report", "main", "parse
 PROBE = "{probe}"
 CLIENT = "{client}"
 
+_Scenario = Callable[["Options"], "Options | Awaitable[Options]"]
+"""A scenario plug-in: gets the options, returns those of the run (sync or async)."""
+
+_GAME_SCENARIO = "examples/fastapi_game/loadtest_scenario.py:scenario"
+"""What ``--game`` stands for (a file of a clone of wsroom)."""
+
 
 # ------------------------------------------------------------------------ options
 
 
 @dataclass
 class Options:
-    """What to run (see `parse_args` for the meaning of each field)."""
+    """What to run (see `parse_args` for the meaning of most fields).
+
+    ``auths`` are the clients' ``hello`` auths, used in turn (``{client}`` in a string is
+    replaced with the client's number). ``scenario`` is a plug-in called before the run:
+    it gets these options and returns those of the run (e.g. with ``auths`` set, and
+    ``labels``: entries added to the report, such as ``{"game": "8ZAEF9"}``); it may be
+    async, and raises `SetupError` when the setup fails. ``game`` is the shortcut to the
+    example game's scenario (``examples/fastapi_game/loadtest_scenario.py``, from a clone
+    of wsroom).
+    """
 
     url: str
     clients: int = 100
@@ -73,6 +102,8 @@ class Options:
     fire_and_forget: bool = False
     auths: list[Any] | None = None
     game: bool = False
+    scenario: _Scenario | None = None
+    labels: dict[str, Any] = field(default_factory=dict)
     drop: float = 0.0
     drain: float = 3.0
     timeout: float = 10.0
@@ -166,7 +197,13 @@ def _parser(prog: str) -> argparse.ArgumentParser:
                       help="one JSON auth per line, used in turn by the clients")
     auth.add_argument("--game", action="store_true",
                       help="the example game: create a game and one seat per client "
-                           "through its HTTP API (same host and port as URL)")
+                           "through its HTTP API (same host and port as URL); short for "
+                           f"--scenario {_GAME_SCENARIO} (from a clone of wsroom)")
+    parser.add_argument("--scenario", metavar="MODULE:CALLABLE",
+                        help="a plug-in that sets the clients up: MODULE is an importable "
+                             "module (the current directory is on the path) or a .py "
+                             "file, CALLABLE (default: scenario) gets the options and "
+                             "returns those of the run, e.g. with one auth per client")
     parser.add_argument("--drop", type=_probability, default=0.0, metavar="P",
                         help="probability per second that a connected client drops its "
                              "connection abruptly (TCP RST) and resumes (default 0)")
@@ -222,15 +259,75 @@ def parse_args(argv: Sequence[str], prog: str = "wsroom loadtest") -> Options:
                     parser.error(f"--auth-file: line {number} is not valid JSON")
         if not auths:
             parser.error(f"--auth-file: no auth in {ns.auth_file}")
-    if ns.game and ns.clients > 10_000:
-        parser.error("--game creates one seat per client over HTTP: at most 10000")
+    scenario: _Scenario | None = None
+    if ns.scenario is not None and ns.game:
+        parser.error("--scenario: not allowed with --game (its shortcut)")
+    if ns.scenario is not None or ns.game:
+        try:
+            scenario = _load_scenario(ns.scenario or _GAME_SCENARIO, game=ns.game)
+        except SetupError as exc:
+            parser.error(f"{'--game' if ns.game else '--scenario'}: {exc}")
     return Options(
         url=ns.url, clients=ns.clients, rate=ns.rate, duration=ns.duration, ramp=ns.ramp,
         event=ns.event, data=data, echo_event=ns.echo_event,
-        fire_and_forget=ns.fire_and_forget, auths=auths, game=ns.game, drop=ns.drop,
+        fire_and_forget=ns.fire_and_forget, auths=auths, game=ns.game,
+        scenario=scenario, drop=ns.drop,
         drain=ns.drain, timeout=ns.timeout, max_errors=ns.max_errors, headers=ns.header,
         forwarded_for=ns.forwarded_for, json_path=ns.json_path, quiet=ns.quiet,
         seed=ns.seed)
+
+
+def _load_scenario(spec: str, *, game: bool = False) -> _Scenario:
+    """The callable named by ``MODULE:CALLABLE`` (``:scenario`` when omitted), where
+    MODULE is a dotted module name (importable, or from the current directory) or the
+    path of a ``.py`` file. With `game`, a relative file is also looked for in the clone
+    that holds this wsroom (an editable install).
+
+    Raises:
+        SetupError: if it cannot be loaded, or is not callable.
+    """
+    module_name, _, attribute = spec.rpartition(":")
+    if not module_name or "/" in attribute or attribute.endswith(".py"):
+        module_name, attribute = spec, "scenario"  # no ":", or a Windows-like path
+    if module_name.endswith(".py") or os.sep in module_name or "/" in module_name:
+        path = Path(module_name)
+        if game and not path.is_absolute() and not path.is_file():
+            clone = Path(__file__).resolve().parents[2]  # src/wsroom/loadtest.py
+            if (clone / path).is_file():
+                path = clone / path
+        if not path.is_file():
+            raise SetupError(f"no such file: {module_name}" + (
+                " (the example game's scenario comes with a clone of wsroom: run from "
+                "the clone, or use --scenario PATH)" if game else ""))
+        name = f"wsroom_loadtest_scenario_{abs(hash(str(path.resolve()))):x}"
+        module_spec = importlib.util.spec_from_file_location(name, path)
+        if module_spec is None or module_spec.loader is None:
+            raise SetupError(f"cannot load {path}")
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[name] = module
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as exc:
+            del sys.modules[name]
+            raise SetupError(f"{path}: {type(exc).__name__}: {exc}") from exc
+    else:
+        added = os.getcwd() not in sys.path
+        if added:
+            sys.path.insert(0, os.getcwd())
+        try:
+            module = importlib.import_module(module_name)
+        except Exception as exc:
+            raise SetupError(f"cannot import {module_name}: {type(exc).__name__}: "
+                             f"{exc}") from exc
+        finally:
+            if added:
+                with contextlib.suppress(ValueError):
+                    sys.path.remove(os.getcwd())
+    found = getattr(module, attribute, None)
+    if not callable(found):
+        raise SetupError(f"{module_name} has no callable {attribute!r}")
+    scenario: _Scenario = found
+    return scenario
 
 
 def _contains_probe(value: Any) -> bool:
@@ -369,7 +466,6 @@ class _Run:
         self.stop_sending = anyio.Event()
         self.closing = anyio.Event()
         self.interrupted = False
-        self.setup: dict[str, Any] = {}
 
     def elapsed(self) -> float:
         return (self.finished or time.monotonic()) - self.started
@@ -378,44 +474,83 @@ class _Run:
         return max((self.sending_stopped or time.monotonic()) - self.started, 1e-9)
 
 
-class _LoadClient(Client):
-    """A `Client` that reports its connections, welcomes and stray error frames."""
+class _Watch:
+    """One simulated client: a plain `Client`, and what the run learns of it through
+    the client's public callbacks (its connections, welcomes, the positions the server
+    announced, stray error frames)."""
 
     def __init__(self, run: _Run, number: int, url: str, **kwargs: Any) -> None:
-        super().__init__(url, **kwargs)
         self.run = run
         self.number = number
+        self.client = Client(url, on_frame=self._frame, on_disconnect=self._disconnected,
+                             **kwargs)
         self.announced: dict[str, set[tuple[str, int]]] = {}
         """Per stream, the positions the server set (welcomes, ``stream`` frames): a
         message right after one of them is not a gap."""
+        self.lossy: set[str] = set()
+        """Streams the server said may skip offsets (``drop_oldest``, ``coalesce``)."""
         self.dropping = False
         self.up = False
+        """Welcomed on the current connection."""
         self.resumed_ns = 0
         """When the last welcome of a resume came (``time.monotonic_ns()``)."""
 
     async def drop(self) -> None:
         """Reset the connection (TCP RST, no close frame): the client resumes."""
-        ws = self._ws
-        if ws is not None and self.up and not self.dropping:
+        if self.up and not self.dropping:
             self.dropping = True
-            await ws.abort()
+            await self.client.drop()
 
-    @property
-    def stopping(self) -> bool:
-        return self._stopping
+    def _announce(self, stream: str, position: dict[str, Any], lossy: bool) -> None:
+        self.announced.setdefault(stream, set()).add(
+            (str(position["epoch"]), int(position["offset"])))
+        if lossy:
+            self.lossy.add(stream)
+        else:
+            self.lossy.discard(stream)
 
-    async def _connect_once(self) -> tuple[int, str, float]:
+    def _frame(self, frame: dict[str, Any]) -> None:
+        """Every frame, before the client handles it (its attributes are still those
+        of before the frame)."""
+        stats, kind = self.run.stats, frame.get("type")
+        if kind == "welcome":
+            streams = frame.get("streams", {})
+            if self.client.connects:
+                if frame.get("session") != self.client.session:
+                    result = "new_session"
+                elif all(position.get("recovered") for position in streams.values()):
+                    result = "recovered"
+                else:
+                    result = "not_recovered"
+                stats.resumes[result] += 1
+                self.resumed_ns = time.monotonic_ns()
+            else:
+                stats.ever_connected += 1
+            self.lossy.clear()  # the session's streams are exactly these
+            for name, position in streams.items():
+                self._announce(name, position, bool(position.get("lossy")))
+            if not self.up:
+                self.up = True
+                stats.connected += 1
+        elif kind == "stream":
+            self._announce(str(frame["stream"]), frame, bool(frame.get("lossy")))
+        elif kind == "left":
+            self.lossy.discard(str(frame["stream"]))
+        elif kind == "snapshot":
+            if self.client.connects > 1:  # not the snapshots of a first connection
+                stats.snapshots += 1
+        elif kind == "error" and frame.get("ref") is None:
+            stats.errors[f"error frame {frame.get('code')}"] += 1  # answers no request
+
+    def _disconnected(self, code: int, reason: str) -> None:
         stats = self.run.stats
-        self.dropping = False
-        try:
-            code, reason, lasted = await super()._connect_once()
-        finally:
-            was_up, self.up = self.up, False
-            if was_up:
-                stats.connected -= 1
+        was_up, self.up = self.up, False
+        if was_up:
+            stats.connected -= 1
         if self.dropping:
             stats.drops += 1
-        elif self._stopping or self.run.closing.is_set():
+            self.dropping = False
+        elif self.run.closing.is_set():
             pass
         elif was_up:
             stats.closes[f"{code} {reason}".strip()] += 1
@@ -423,47 +558,6 @@ class _LoadClient(Client):
             stats.failed_attempts[reason] += 1  # the upgrade was refused, or TCP failed
         else:
             stats.failed_attempts[f"{code} {reason}".strip() + " before the welcome"] += 1
-        return code, reason, lasted
-
-    def _on_welcome(self, frame: dict[str, Any]) -> None:
-        stats = self.run.stats
-        streams = frame.get("streams", {})
-        if self.connects:
-            if frame.get("session") != self.session:
-                result = "new_session"
-            elif all(position.get("recovered") for position in streams.values()):
-                result = "recovered"
-            else:
-                result = "not_recovered"
-            stats.resumes[result] += 1
-            self.resumed_ns = time.monotonic_ns()
-        else:
-            stats.ever_connected += 1
-        super()._on_welcome(frame)
-        for name, position in streams.items():
-            self.announced.setdefault(name, set()).add(
-                (str(position["epoch"]), int(position["offset"])))
-        if not self.up:
-            self.up = True
-            stats.connected += 1
-
-    async def _on_snapshot(self, frame: dict[str, Any]) -> None:
-        if self.connects > 1:  # not the snapshots of a client's first connection
-            self.run.stats.snapshots += 1
-        await super()._on_snapshot(frame)
-
-    def _on_stream(self, frame: dict[str, Any]) -> None:
-        super()._on_stream(frame)
-        self.announced.setdefault(str(frame["stream"]), set()).add(
-            (str(frame["epoch"]), int(frame["offset"])))
-
-    def _on_answer(self, frame: dict[str, Any]) -> None:
-        if frame.get("type") == "error" and str(frame.get("ref")) not in self._pending:
-            self.run.stats.errors[f"error frame {frame.get('code')}"] += 1
-        super()._on_answer(frame)
-
-    def lossy(self, stream: str) -> bool:
-        return stream in self._lossy
 
 
 # ---------------------------------------------------------------------- clients
@@ -484,40 +578,52 @@ async def _client(run: _Run, number: int, auth: Any) -> None:
     headers = list(options.headers)
     if options.forwarded_for:
         headers.append(("X-Forwarded-For", _forwarded_address(number + 1)))
-    client = _LoadClient(run, number, options.url, auth=auth, headers=headers,
-                         rng=random.Random(run.rng.random()))
+    watch = _Watch(run, number, options.url, auth=auth, headers=headers,
+                   rng=random.Random(run.rng.random()))
+    client = watch.client
     async with client, anyio.create_task_group() as tg:
-        tg.start_soon(_consume, run, client)
-        tg.start_soon(_send, run, client, tg)
+        tg.start_soon(_consume, run, watch)
+        tg.start_soon(_send, run, watch, tg)
         if options.drop > 0:
-            tg.start_soon(_drop, run, client)
+            tg.start_soon(_drop, run, watch)
         await run.closing.wait()
-        if not client.up and client.closed is None and client.connects == 0:
+        if not watch.up and client.closed is None and client.connects == 0:
             run.stats.errors["never connected"] += 1
         tg.cancel_scope.cancel()
 
 
-async def _consume(run: _Run, client: _LoadClient) -> None:
-    stats = run.stats
+def _check(watch: _Watch, audit: StreamCursor, item: Message) -> bool:
+    """Whether `item` is the next message of its stream as `messages()` hands it out
+    (the client deduplicates and resumes: this checks that it did); counts gaps."""
+    stats, stream = watch.run.stats, item.stream
+    known = audit.get(stream)
+    step = audit.advance(stream, item.epoch, item.offset)
+    if step is Step.DUPLICATE:
+        stats.duplicates += 1
+        return False
+    if step is Step.NEW and known is not None:
+        return True
+    # The first message of a stream, a hole or another epoch: fine only right after a
+    # position the server announced, or in a room that may skip offsets.
+    if ((item.epoch, item.offset - 1) not in watch.announced.get(stream, ())
+            and stream not in watch.lossy):
+        stats.holes += 1
+        if step is Step.HOLE and known is not None:
+            stats.missing += item.offset - known[1] - 1
+    audit.set(stream, item.epoch, item.offset)
+    return True
+
+
+async def _consume(run: _Run, watch: _Watch) -> None:
+    stats, client = run.stats, watch.client
     prefix, echo = run.prefix, run.options.echo
-    last: dict[str, tuple[str, int]] = {}
+    audit = StreamCursor()  # what the application was handed, per stream
     async for item in client.messages():
-        stream = item.stream
         if isinstance(item, Snapshot):
-            last[stream] = (item.epoch, item.offset)
+            audit.set(item.stream, item.epoch, item.offset)
             continue
-        known = last.get(stream)
-        if known is None or known[0] != item.epoch or item.offset != known[1] + 1:
-            if (known is not None and known[0] == item.epoch
-                    and item.offset <= known[1]):
-                stats.duplicates += 1
-                continue
-            announced = client.announced.get(stream, ())
-            if (item.epoch, item.offset - 1) not in announced and not client.lossy(stream):
-                stats.holes += 1
-                if known is not None and known[0] == item.epoch:
-                    stats.missing += item.offset - known[1] - 1
-        last[stream] = (item.epoch, item.offset)
+        if not _check(watch, audit, item):
+            continue
         probe = _find_probe(item.data, prefix) if item.event == echo else None
         if probe is None:
             stats.other_messages += 1
@@ -529,17 +635,17 @@ async def _consume(run: _Run, client: _LoadClient) -> None:
             continue
         stats.deliveries += 1
         latency = (time.monotonic_ns() - sent_ns) / 1e9
-        if sent_ns < client.resumed_ns:  # missed while disconnected: replayed
+        if sent_ns < watch.resumed_ns:  # missed while disconnected: replayed
             stats.replay_latency.record(latency)
         else:
             stats.latency.record(latency)
     closed = client.closed
-    if closed is not None and not client.stopping and not run.closing.is_set():
+    if closed is not None and not run.closing.is_set():
         run.stats.errors[f"closed {closed.code} {closed.reason}".strip()] += 1
 
 
-async def _send(run: _Run, client: _LoadClient, tg: TaskGroup) -> None:
-    options, stats = run.options, run.stats
+async def _send(run: _Run, watch: _Watch, tg: TaskGroup) -> None:
+    options, stats, client = run.options, run.stats, watch.client
     interval = 1.0 / options.rate
     try:
         await client.wait_connected()
@@ -564,11 +670,11 @@ async def _send(run: _Run, client: _LoadClient, tg: TaskGroup) -> None:
             stats.skipped += 1
             continue
         sequence += 1
-        probe = f"{run.prefix}{client.number}:{sequence}:{time.monotonic_ns()}"
+        probe = f"{run.prefix}{watch.number}:{sequence}:{time.monotonic_ns()}"
         if add_key:
-            data = {**_fill(template, {CLIENT: str(client.number)}), "probe": probe}
+            data = {**_fill(template, {CLIENT: str(watch.number)}), "probe": probe}
         else:
-            data = _fill(template, {PROBE: probe, CLIENT: str(client.number)})
+            data = _fill(template, {PROBE: probe, CLIENT: str(watch.number)})
         stats.sent += 1
         if options.fire_and_forget:
             try:
@@ -580,7 +686,7 @@ async def _send(run: _Run, client: _LoadClient, tg: TaskGroup) -> None:
             tg.start_soon(_request, run, client, data)
 
 
-async def _request(run: _Run, client: _LoadClient, data: Any) -> None:
+async def _request(run: _Run, client: Client, data: Any) -> None:
     stats = run.stats
     stats.in_flight += 1
     started = time.monotonic()
@@ -602,12 +708,12 @@ async def _request(run: _Run, client: _LoadClient, data: Any) -> None:
         stats.in_flight -= 1
 
 
-async def _drop(run: _Run, client: _LoadClient) -> None:
+async def _drop(run: _Run, watch: _Watch) -> None:
     probability = run.options.drop
     await anyio.sleep(run.rng.uniform(0, 1))
     while not run.stop_sending.is_set():
-        if client.up and run.rng.random() < probability:
-            await client.drop()
+        if watch.up and run.rng.random() < probability:
+            await watch.drop()
         await anyio.sleep(1)
 
 
@@ -672,49 +778,28 @@ async def _signals(run: _Run, cancel: anyio.CancelScope) -> None:
 
 
 class SetupError(Exception):
-    """The run could not start (the game's HTTP API failed)."""
+    """The run could not start: its scenario could not be loaded, or failed (the
+    example game's HTTP API answered with an error, for example)."""
 
 
-def _post_json(url: str, body: Any) -> Any:
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
+async def _set_up(options: Options) -> Options:
+    """The options of the run: those the scenario returns, if there is one."""
+    scenario = options.scenario
+    if scenario is None and options.game:
+        scenario = _load_scenario(_GAME_SCENARIO, game=True)
+    if scenario is None:
+        return options
     try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        raise SetupError(f"POST {url}: HTTP {exc.code} (is it the example game?)") from None
-    except urllib.error.URLError as exc:
-        raise SetupError(f"POST {url}: {exc.reason}") from None
-    except (OSError, ValueError) as exc:
-        raise SetupError(f"POST {url}: {type(exc).__name__}: {exc}") from None
-
-
-async def _game_seats(options: Options) -> tuple[str, list[Any]]:
-    """Create a game and a seat per client through the example game's HTTP API."""
-    parts = urlsplit(options.url)
-    base = f"http://{parts.netloc}/api"
-    gm = await anyio.to_thread.run_sync(_post_json, f"{base}/games", {"name": "lt-gm"})
-    code = gm["code"]
-    auths: list[Any] = [None] * options.clients
-    auths[0] = {"credential": gm["credential"]}
-    limiter = anyio.CapacityLimiter(4)  # SQLite: few writers at once
-    failures: list[SetupError] = []
-
-    async def join(number: int) -> None:
-        try:
-            seat = await anyio.to_thread.run_sync(
-                _post_json, f"{base}/games/{code}/players", {"name": f"lt-{number}"},
-                limiter=limiter)
-            auths[number] = {"credential": seat["credential"]}
-        except SetupError as exc:
-            failures.append(exc)
-
-    async with anyio.create_task_group() as tg:
-        for number in range(1, options.clients):
-            tg.start_soon(join, number)
-    if failures:
-        raise failures[0]
-    return code, auths
+        result = scenario(options)
+        if inspect.isawaitable(result):
+            result = await result
+    except SetupError:
+        raise
+    except Exception as exc:
+        raise SetupError(f"the scenario failed: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(result, Options):
+        raise SetupError(f"the scenario returned {type(result).__name__}, not Options")
+    return result
 
 
 def _raise_fd_limit(clients: int) -> str | None:
@@ -739,13 +824,10 @@ def _raise_fd_limit(clients: int) -> str | None:
 
 async def run(options: Options, *, progress: TextIO | None = None) -> dict[str, Any]:
     """Run a load test; return its report (see `report`)."""
+    options = await _set_up(options)
     state = _Run(options)
     stats = state.stats
-    if options.game:
-        code, auths = await _game_seats(options)
-        state.setup["game"] = code
-    else:
-        auths = options.auths or [None]
+    auths = options.auths or [None]
     async with anyio.create_task_group() as outer:
         if threading.current_thread() is threading.main_thread():
             outer.start_soon(_signals, state, outer.cancel_scope)
@@ -797,7 +879,7 @@ def report(state: _Run) -> dict[str, Any]:
         "mode": "fire_and_forget" if options.fire_and_forget else "request",
         "event": options.event,
         "echo_event": options.echo,
-        **state.setup,
+        **options.labels,
         "interrupted": state.interrupted,
         "elapsed": round(state.elapsed(), 3),
         "sent": stats.sent,

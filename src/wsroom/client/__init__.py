@@ -12,6 +12,8 @@ connects again; any other code is terminal and ends the client. A server that se
 nothing for ``ping_interval + pong_timeout`` (as announced in its ``welcome``) is
 presumed dead: the client drops the socket and reconnects. A gap in a stream's offsets
 is treated the same way, so that the next ``hello`` can ask for what is missing.
+Positions, duplicates and gaps are judged by `wsroom._core.cursor.StreamCursor`, the
+same check the server makes (and ``static/wsroom.js`` mirrors).
 
 Every reconnect presents the last ``welcome``'s resume token and the positions: the
 server replays what was missed (``recovered: true``; duplicates are dropped here by
@@ -20,6 +22,11 @@ offset), or says ``recovered: false`` and sends a `Snapshot` of the stream, whic
 expired, or the server's secret changed) is dropped and the client connects once more
 as a new session; a second refusal is final. ``presence`` frames keep `presence`
 current.
+
+Tools that need more than messages (a load test, a test that records what a client lived
+through) observe the connection through two callbacks, ``on_frame`` (every frame, before
+the client acts on it) and ``on_disconnect`` (how each connection attempt ended), and can
+cut a connection with `Client.drop`: no subclassing of private methods.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import contextlib
 import json
 import logging
 import random
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -38,12 +45,15 @@ from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from wsroom._core.codes import should_reconnect
+from wsroom._core.cursor import Step, StreamCursor
 from wsroom.client._websocket import ConnectionClosed, HandshakeRejected, WebSocket, connect
 
 __all__ = ["Client", "ClientClosed", "Message", "RequestError", "Snapshot",
            "backoff_delay"]
 
 log = logging.getLogger("wsroom.client")
+
+_NO_DEFAULT: Any = object()
 
 _STABLE_AFTER = 10.0
 """Seconds a connection must last for the backoff to start over: a server that welcomes
@@ -138,6 +148,18 @@ class Client:
         buffer: messages held for the application before the client stops reading
             (the server then sees a slow consumer, which is the right signal).
         rng: a random generator for the backoff (tests pass a seeded one).
+        on_frame: called with every frame the server sends (a dict; batches unpacked),
+            before the client acts on it: the client's attributes (`session`,
+            `connects`, `positions`...) are still those from before the frame. For tools
+            that observe a client (logging, load tests); it runs in the client's reading
+            task, so it must be quick and must not raise (an exception is logged and the
+            connection dropped, like a bad frame).
+        on_disconnect: called with the close code and reason each time a connection
+            attempt ends, welcomed or not: a close from the server, a connection lost or
+            dropped (1006), an upgrade refused (1013 after HTTP 429 or 5xx, 1008
+            otherwise, reason ``"HTTP <status>"``), a failed connect (1006, ``"connect
+            failed"``). It is called before the socket is let go (`extra` still answers)
+            and before the client decides whether to reconnect.
 
     Example:
         ```python
@@ -158,6 +180,8 @@ class Client:
         max_backoff: float = 20.0,
         buffer: int = 1024,
         rng: random.Random | None = None,
+        on_frame: Callable[[dict[str, Any]], None] | None = None,
+        on_disconnect: Callable[[int, str], None] | None = None,
     ) -> None:
         self.url = url
         self.auth = auth
@@ -166,8 +190,11 @@ class Client:
         self.max_backoff = max_backoff
         self._rng = rng or random.Random()
         self._retry_after = 0.0  # seconds a 429 asked us to wait
-        self.positions: dict[str, tuple[str, int]] = {}
-        """Last ``(epoch, offset)`` seen per stream."""
+        self.on_frame = on_frame
+        """See the argument of the same name (may be set before ``async with``)."""
+        self.on_disconnect = on_disconnect
+        """See the argument of the same name (may be set before ``async with``)."""
+        self._cursor = StreamCursor()  # the position per stream, and the check
         self.session: str | None = None
         """The current session id (from the last ``welcome``)."""
         self.connects = 0
@@ -182,7 +209,6 @@ class Client:
         self._connection_number = 0
         self.closed: ClientClosed | None = None
         self._resume: str | None = None
-        self._lossy: set[str] = set()  # streams whose room may discard messages
         self._ws: WebSocket | None = None
         self._is_connected = False
         self._stopping = False
@@ -227,6 +253,11 @@ class Client:
             self._inbox.close()
 
     @property
+    def positions(self) -> dict[str, tuple[str, int]]:
+        """Last ``(epoch, offset)`` seen per stream (a copy)."""
+        return self._cursor.positions()
+
+    @property
     def connected(self) -> bool:
         """True between a ``welcome`` and the end of that connection."""
         return self._is_connected
@@ -241,6 +272,26 @@ class Client:
             if self.closed is not None:
                 raise self.closed
             await self._changed.wait()
+
+    async def drop(self) -> None:
+        """Cut the current connection abruptly, as a lost network would (TCP reset, no
+        close frame); the client then reconnects and resumes as after any loss. Does
+        nothing while disconnected. For tests and load tests."""
+        ws = self._ws
+        if ws is not None and ws.closed is None:
+            await ws.abort()
+
+    def extra(self, attribute: Any, default: Any = _NO_DEFAULT) -> Any:
+        """An attribute of the current connection's socket stream, as AnyIO's
+        ``extra()`` gives it (e.g. ``anyio.abc.SocketAttribute.raw_socket``), or
+        `default` while disconnected or when the stream lacks it (without a default:
+        `anyio.TypedAttributeLookupError`)."""
+        ws = self._ws
+        if ws is None:
+            if default is _NO_DEFAULT:
+                raise anyio.TypedAttributeLookupError("not connected")
+            return default
+        return ws.extra(attribute, default)
 
     def _set_connected(self, value: bool) -> None:
         self._is_connected = value
@@ -326,7 +377,7 @@ class Client:
                     # as a new session (a second refusal is final).
                     log.info("resume token refused: connecting as a new session")
                     self._resume = None
-                    self.positions.clear()
+                    self._cursor.clear()
                     self.presence.clear()
                     continue
                 if self._stopping or not should_reconnect(code):
@@ -360,34 +411,51 @@ class Client:
             retry = exc.status == 429 or exc.status >= 500
             with contextlib.suppress(ValueError):
                 self._retry_after = min(60.0, float(exc.headers.get("retry-after", 0)))
-            return (1013 if retry else 1008), exc.reason, 0.0
+            code, reason = (1013 if retry else 1008), exc.reason
+            self._disconnected(code, reason)
+            return code, reason, 0.0
         except Exception as exc:  # refused, reset, timed out, garbage HTTP...
             log.info("connect failed: %s", type(exc).__name__)
+            self._disconnected(1006, "connect failed")
             return 1006, "connect failed", 0.0
         self._connection_number += 1
         self._ws = ws
         welcomed_at: float | None = None
         try:
-            hello: dict[str, Any] = {"type": "hello", "v": 1}
-            if self.auth is not None:
-                hello["auth"] = self.auth
-            if self._resume is not None:
-                hello["resume"] = self._resume
-            if self.positions:
-                hello["streams"] = {name: {"epoch": epoch, "offset": offset}
-                                    for name, (epoch, offset) in self.positions.items()}
-            await ws.send(json.dumps(hello))
-            welcomed_at = await self._read(ws)
-            code, reason = 1006, "dropped"
-        except ConnectionClosed as closed:
-            code, reason = closed.code, closed.reason
+            try:
+                hello: dict[str, Any] = {"type": "hello", "v": 1}
+                if self.auth is not None:
+                    hello["auth"] = self.auth
+                if self._resume is not None:
+                    hello["resume"] = self._resume
+                if self._cursor:
+                    hello["streams"] = {
+                        name: {"epoch": epoch, "offset": offset}
+                        for name, (epoch, offset) in self._cursor.positions().items()}
+                await ws.send(json.dumps(hello))
+                welcomed_at = await self._read(ws)
+                code, reason = 1006, "dropped"
+            except ConnectionClosed as closed:
+                code, reason = closed.code, closed.reason
+            self._ended()
+            self._disconnected(code, reason)  # before the socket is let go
         finally:
-            lasted = 0.0 if welcomed_at is None else anyio.current_time() - welcomed_at
-            if self._is_connected:
-                self._set_connected(False)
-            self._fail_pending(self._connection_number)
+            self._ended()
             await self._drop()
+        lasted = 0.0 if welcomed_at is None else anyio.current_time() - welcomed_at
         return code, reason, lasted
+
+    def _ended(self) -> None:
+        if self._is_connected:
+            self._set_connected(False)
+        self._fail_pending(self._connection_number)
+
+    def _disconnected(self, code: int, reason: str) -> None:
+        if self.on_disconnect is not None:
+            try:
+                self.on_disconnect(code, reason)
+            except Exception:
+                log.exception("on_disconnect failed")
 
     async def _read(self, ws: WebSocket) -> float | None:
         """Read until the connection must be dropped (silence, a gap, a bad frame);
@@ -412,6 +480,16 @@ class Client:
                 try:
                     frame = json.loads(line)
                     kind = frame["type"]
+                except (ValueError, KeyError, TypeError):
+                    log.warning("a frame from the server is not valid: reconnecting")
+                    return welcomed_at
+                if self.on_frame is not None:
+                    try:
+                        self.on_frame(frame)
+                    except Exception:
+                        log.exception("on_frame failed: reconnecting")
+                        return welcomed_at
+                try:
                     if kind == "ping":
                         # The server may be closing already: read on for its code.
                         with contextlib.suppress(ConnectionClosed):
@@ -424,11 +502,13 @@ class Client:
                     elif kind == "snapshot":
                         await self._on_snapshot(frame)
                     elif kind == "stream":
-                        self._on_stream(frame)
+                        # A room joined after the welcome, or a message we were
+                        # excluded from: our position on the stream is the frame's.
+                        self._cursor.set(str(frame["stream"]), str(frame["epoch"]),
+                                         int(frame["offset"]), lossy=bool(frame.get("lossy")))
                     elif kind == "left":
                         stream = str(frame["stream"])
-                        self.positions.pop(stream, None)
-                        self._lossy.discard(stream)
+                        self._cursor.forget(stream)
                         self.presence.pop(stream, None)
                     elif kind == "presence":
                         self._on_presence(frame)
@@ -444,49 +524,32 @@ class Client:
         self.welcome = frame
         self.session = frame.get("session")
         self._resume = frame.get("resume")
-        streams = frame.get("streams", {})
-        self._lossy = {name for name, position in streams.items() if position.get("lossy")}
-        # The session's streams are exactly those: forget the others (rooms left).
-        for name in [name for name in self.positions if name not in streams]:
-            del self.positions[name]
-        for name, position in streams.items():
-            known = self.positions.get(name)
-            if position.get("recovered") and known and known[0] == position["epoch"]:
-                continue  # replay follows: keep our position to dedupe against it
-            self.positions[name] = (str(position["epoch"]), int(position["offset"]))
+        # The session's streams are exactly those (the others were left); a recovered
+        # stream keeps our position, to dedupe the replay that follows against it.
+        self._cursor.welcome(frame.get("streams", {}))
         self.connects += 1
         self._set_connected(True)
 
     async def _on_msg(self, frame: dict[str, Any]) -> bool:
         stream, epoch, offset = frame["stream"], str(frame["epoch"]), int(frame["offset"])
-        known = self.positions.get(stream)
-        if known is not None:
-            if known[0] != epoch:
-                log.warning("stream %r changed epoch without a welcome: reconnecting", stream)
-                return False
-            if offset <= known[1]:
-                return True  # a duplicate
-            if offset != known[1] + 1 and stream not in self._lossy:
-                log.warning("gap in stream %r: %d after %d", stream, offset, known[1])
-                return False
-        self.positions[stream] = (epoch, offset)
+        known = self._cursor.get(stream)
+        step = self._cursor.advance(stream, epoch, offset)
+        if step is Step.DUPLICATE:
+            return True
+        if step is Step.EPOCH:
+            log.warning("stream %r changed epoch without a welcome: reconnecting", stream)
+            return False
+        if step is Step.HOLE:
+            log.warning("gap in stream %r: %d after %d", stream, offset,
+                        known[1] if known else 0)
+            return False
         await self._inbox_send.send(
             Message(stream, epoch, offset, frame.get("event", ""), frame.get("data")))
         return True
 
-    def _on_stream(self, frame: dict[str, Any]) -> None:
-        """A room joined after the welcome, or a message we were excluded from: our
-        position on the stream is now the frame's."""
-        stream = str(frame["stream"])
-        self.positions[stream] = (str(frame["epoch"]), int(frame["offset"]))
-        if frame.get("lossy"):
-            self._lossy.add(stream)
-        else:
-            self._lossy.discard(stream)
-
     async def _on_snapshot(self, frame: dict[str, Any]) -> None:
         stream, epoch, offset = frame["stream"], str(frame["epoch"]), int(frame["offset"])
-        self.positions[stream] = (epoch, offset)
+        self._cursor.set(stream, epoch, offset)
         await self._inbox_send.send(Snapshot(stream, epoch, offset, frame.get("data")))
 
     def _on_presence(self, frame: dict[str, Any]) -> None:

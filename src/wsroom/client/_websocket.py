@@ -14,6 +14,7 @@ import socket
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 import anyio
@@ -61,6 +62,9 @@ class HandshakeRejected(ConnectionClosed):
         """The response's headers (names in lower case)."""
 
 
+_MISSING: Any = object()
+
+
 @dataclass
 class _Closed:
     code: int
@@ -80,6 +84,13 @@ class WebSocket:
         self.last_received = anyio.current_time()
         """When bytes from the server last arrived (`anyio.current_time`): a large
         message on a slow link keeps arriving long before `recv` can return it."""
+
+    def extra(self, attribute: Any, default: Any = _MISSING) -> Any:
+        """An attribute of the socket stream (AnyIO's typed attributes, such as
+        ``SocketAttribute.raw_socket`` or ``SocketAttribute.local_port``)."""
+        if default is _MISSING:
+            return self._stream.extra(attribute)
+        return self._stream.extra(attribute, default)
 
     @property
     def closed(self) -> ConnectionClosed | None:
