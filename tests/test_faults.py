@@ -249,28 +249,30 @@ background task inherits the value set when it was entered)."""
 
 
 class Watched(Client):
-    """`wsroom.client.Client` (backoff 0.1-1 s) noting what it lived through: every item
-    of `messages()` with its arrival time, how each connection ended (close code, reason,
-    why the client gave up on it, the client kernel's TCP_INFO as it let go of the
-    socket), each welcome's ``recovered`` for the room, and how far the client's own TCP
-    retransmissions backed off (sampled)."""
+    """`wsroom.client.Client` (backoff 0.1-1 s) noting what it lived through, through
+    its public callbacks: every item of `messages()` with its arrival time, how each
+    connection ended (close code, reason, why the client gave up on it, the client
+    kernel's TCP_INFO as it let go of the socket), each welcome's ``recovered`` for the
+    room, and how far the client's own TCP retransmissions backed off (sampled)."""
 
     def __init__(self, url: str, name: str) -> None:
-        super().__init__(url, auth={"name": name}, min_backoff=0.1, max_backoff=1.0)
+        super().__init__(url, auth={"name": name}, min_backoff=0.1, max_backoff=1.0,
+                         on_frame=self.frame, on_disconnect=self.ended)
         self.name = name
         self.got: list[tuple[float, Message | Snapshot]] = []
         self.ends: list[dict[str, Any]] = []
         self.recoveries: list[bool | None] = []  # per welcome after the first
         self.why: list[str] = []  # wsroom.client's warnings for this client
         self.backoff = 0
-        self._tcp_at_drop: dict[str, int] | None = None
+        self.welcomed_at: float | None = None
+        self.warned = 0  # len(why) when the last connection ended
 
     def tcp(self) -> dict[str, int] | None:
-        ws = self._ws
-        if ws is None:
+        sock = self.extra(SocketAttribute.raw_socket, None)
+        if sock is None:
             return None
         with contextlib.suppress(OSError):
-            return netns.tcp_info(ws._stream.extra(SocketAttribute.raw_socket))
+            return netns.tcp_info(sock)
         return None
 
     def room_offsets(self) -> list[int]:
@@ -281,23 +283,22 @@ class Watched(Client):
         async for item in self.messages():
             self.got.append((time.monotonic(), item))
 
-    async def _connect_once(self) -> tuple[int, str, float]:
-        self._tcp_at_drop, warned = None, len(self.why)
-        code, reason, lasted = await super()._connect_once()
+    def frame(self, frame: dict[str, Any]) -> None:
+        if frame["type"] == "welcome":
+            self.welcomed_at = anyio.current_time()
+            if self.welcome is not None:  # not the first
+                streams = frame.get("streams", {})
+                self.recoveries.append(
+                    bool(streams[ROOM]["recovered"]) if ROOM in streams else None)
+
+    def ended(self, code: int, reason: str) -> None:
+        """Each connection attempt's end, before the client lets go of the socket."""
+        lasted = (0.0 if self.welcomed_at is None
+                  else anyio.current_time() - self.welcomed_at)
         self.ends.append({"code": code, "reason": reason, "lasted": lasted,
-                          "at": time.time(), "why": self.why[warned:],
-                          "tcp": self._tcp_at_drop})
-        return code, reason, lasted
-
-    async def _drop(self) -> None:
-        self._tcp_at_drop = self.tcp()
-        await super()._drop()
-
-    def _on_welcome(self, frame: dict[str, Any]) -> None:
-        first = self.welcome is None
-        super()._on_welcome(frame)
-        if not first:
-            self.recoveries.append(self.recovered(ROOM))
+                          "at": time.time(), "why": self.why[self.warned:],
+                          "tcp": self.tcp()})
+        self.welcomed_at, self.warned = None, len(self.why)
 
 
 class ClientWarnings(logging.Handler):

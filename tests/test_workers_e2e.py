@@ -131,12 +131,13 @@ async def balancer() -> AsyncIterator[Balancer]:
 
 
 class Recorder(Client):
-    """A `Client` that also keeps every presence frame (with its arrival time), every
-    raw ``msg`` frame (before the client's own de-duplication) and every welcome."""
+    """A `Client` that also keeps, through its ``on_frame`` callback, every presence
+    frame (with its arrival time), every raw ``msg`` frame (before the client's own
+    de-duplication) and every welcome."""
 
     def __init__(self, url: str, name: str, **kwargs: Any) -> None:
         super().__init__(url, auth={"name": name}, min_backoff=0.2, max_backoff=1.0,
-                         **kwargs)
+                         on_frame=self.frame, **kwargs)
         self.name = name
         self.presence_log: list[tuple[float, dict[str, Any]]] = []
         self.raw: list[dict[str, Any]] = []
@@ -144,18 +145,15 @@ class Recorder(Client):
         self.raw_at_welcome: list[int] = []  # len(raw) at each welcome
         self.received: list[Message] = []
 
-    def _on_presence(self, frame: dict[str, Any]) -> None:
-        self.presence_log.append((anyio.current_time(), frame))
-        super()._on_presence(frame)
-
-    async def _on_msg(self, frame: dict[str, Any]) -> bool:
-        self.raw.append(frame)
-        return await super()._on_msg(frame)
-
-    def _on_welcome(self, frame: dict[str, Any]) -> None:
-        self.welcomes.append(frame)
-        self.raw_at_welcome.append(len(self.raw))
-        super()._on_welcome(frame)
+    def frame(self, frame: dict[str, Any]) -> None:
+        kind = frame["type"]
+        if kind == "presence":
+            self.presence_log.append((anyio.current_time(), frame))
+        elif kind == "msg":
+            self.raw.append(frame)
+        elif kind == "welcome":
+            self.welcomes.append(frame)
+            self.raw_at_welcome.append(len(self.raw))
 
     async def consume(self) -> None:
         async for item in self.messages():
