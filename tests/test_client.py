@@ -463,3 +463,59 @@ async def test_a_429_is_retried_no_sooner_than_its_retry_after() -> None:
             assert second.attempts == 1
             with anyio.fail_after(10):
                 await second.wait_connected()  # once the bucket has a token again
+
+
+async def test_tools_observe_frames_and_connection_ends_and_can_drop() -> None:
+    """The public hooks for tools: `on_frame` sees every frame before the client acts on
+    it, `on_disconnect` every connection's end (before the socket is let go: `extra`
+    still answers), `drop()` cuts the connection and the client resumes."""
+    hub = Hub()
+
+    @hub.on_connect
+    async def join(conn: Connection) -> None:
+        await conn.join("lobby")
+
+    frames: list[tuple[str, int]] = []
+    ends: list[tuple[int, str, Any]] = []
+    async with serve(hub_app(hub)) as url:
+        client = Client(url + "/ws", min_backoff=0.01, max_backoff=0.05)
+        client.on_frame = lambda frame: frames.append((frame["type"], client.connects))
+        client.on_disconnect = lambda code, reason: ends.append(
+            (code, reason, client.extra(SocketAttribute.local_port, None)))
+        assert client.extra(SocketAttribute.local_port, "none") == "none"
+        with pytest.raises(anyio.TypedAttributeLookupError):
+            client.extra(SocketAttribute.local_port)
+        async with client:
+            await client.wait_connected()
+            port = client.extra(SocketAttribute.local_port)
+            assert isinstance(port, int)
+            assert ("welcome", 0) in frames  # seen before the client counted it
+            await client.drop()
+            await wait_for(lambda: client.connects == 2)
+            assert client.recovered("lobby") is True
+        assert ends[0][0] == 1006
+        assert ends[0][2] is None  # drop() closed the socket
+        assert ends[-1][0] == 1000  # the client's own goodbye
+        assert ("welcome", 1) in frames
+
+
+async def test_on_disconnect_sees_the_socket_the_client_gives_up_on() -> None:
+    """A gap (or a silent server): the socket is still open when `on_disconnect` runs."""
+    async def script(send: Callable[[Any], Awaitable[None]], number: int) -> None:
+        await send(welcome(room=0))
+        if number == 1:
+            await send(msg(1))
+            await send(msg(3))  # 2 is missing
+
+    ends: list[tuple[int, str, Any]] = []
+    app, _ = scripted_server(script)
+    async with serve(app) as url:
+        client = Client(url, min_backoff=0.01)
+        client.on_disconnect = lambda code, reason: ends.append(
+            (code, reason, client.extra(SocketAttribute.raw_socket, None)))
+        async with client:
+            await wait_for(lambda: client.connects == 2)
+    code, reason, sock = ends[0]
+    assert (code, reason) == (1006, "dropped")
+    assert sock is not None
+    assert sock.fileno() == -1  # closed since, by the client

@@ -158,8 +158,9 @@ class Client:
             attempt ends, welcomed or not: a close from the server, a connection lost or
             dropped (1006), an upgrade refused (1013 after HTTP 429 or 5xx, 1008
             otherwise, reason ``"HTTP <status>"``), a failed connect (1006, ``"connect
-            failed"``). It is called before the socket is let go (`extra` still answers)
-            and before the client decides whether to reconnect.
+            failed"``). It is called before the client decides whether to reconnect,
+            and before it lets go of a socket it gives up on (a gap, a silent server):
+            `extra` still answers then.
 
     Example:
         ```python
@@ -284,14 +285,17 @@ class Client:
     def extra(self, attribute: Any, default: Any = _NO_DEFAULT) -> Any:
         """An attribute of the current connection's socket stream, as AnyIO's
         ``extra()`` gives it (e.g. ``anyio.abc.SocketAttribute.raw_socket``), or
-        `default` while disconnected or when the stream lacks it (without a default:
-        `anyio.TypedAttributeLookupError`)."""
+        `default` while disconnected, once the socket is closed, or when the stream
+        lacks it (without a default: `anyio.TypedAttributeLookupError`)."""
         ws = self._ws
-        if ws is None:
-            if default is _NO_DEFAULT:
+        try:
+            if ws is None:
                 raise anyio.TypedAttributeLookupError("not connected")
+            return ws.extra(attribute)
+        except (anyio.TypedAttributeLookupError, OSError):
+            if default is _NO_DEFAULT:
+                raise anyio.TypedAttributeLookupError("not available") from None
             return default
-        return ws.extra(attribute, default)
 
     def _set_connected(self, value: bool) -> None:
         self._is_connected = value
