@@ -27,8 +27,10 @@ from starlette.requests import HTTPConnection
 from starlette.routing import WebSocketRoute
 from starlette.types import ASGIApp
 
-from wsroom import Connection, Hub
-from wsroom._asgi.transport import Disconnected
+from wsroom import Hub
+from wsroom._asgi.transport import Disconnected, Transport
+from wsroom._runtime.peer import Peer as ServerPeer
+from wsroom._runtime.serve import serve as serve_peer
 from wsroom.client._websocket import ConnectionClosed, WebSocket, connect
 
 GAME_DIR = Path(__file__).resolve().parents[1] / "examples" / "fastapi_game"
@@ -415,6 +417,16 @@ class Peer:
                     self.frames.append(frame)
 
 
+def server_peer(hub: Hub, transport: Transport) -> ServerPeer:
+    """The server side of a connection over `transport` (not started)."""
+    return ServerPeer(hub._runtime, transport)
+
+
+async def serve_transport(hub: Hub, transport: Transport) -> None:
+    """Serve one connection over `transport` until it ends (as the ASGI endpoint)."""
+    await serve_peer(server_peer(hub, transport))
+
+
 @asynccontextmanager
 async def running(hub: Hub, *, hello: bool = True, answer_pings: bool = True,
                   transport: MemoryTransport | None = None,
@@ -424,7 +436,7 @@ async def running(hub: Hub, *, hello: bool = True, answer_pings: bool = True,
     transport = transport or MemoryTransport()
     peer = Peer(transport, answer_pings)
     async with hub.run(), anyio.create_task_group() as tg:
-        tg.start_soon(Connection(hub, transport)._run)
+        tg.start_soon(serve_transport, hub, transport)
         tg.start_soon(peer.pump)
         if hello:
             await transport.client_send({"type": "hello", "v": 1})

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from support import MemoryTransport, Player, hub_app, serve, wait_for
+from support import MemoryTransport, Player, hub_app, serve, serve_transport, wait_for
 from wsroom import Hub, HubConfig
 from wsroom._core.admission import Admission, Refusal, TrustedProxies, client_key
 from wsroom._runtime.connection import Connection
@@ -154,20 +154,20 @@ async def test_a_refusal_sends_429_with_retry_after_before_anything_is_accepted(
     async with hub.run():
         first = MemoryTransport()
         async with anyio.create_task_group() as tg:
-            tg.start_soon(Connection(hub, first)._run)
+            tg.start_soon(serve_transport, hub, first)
             await wait_for(lambda: first.accepted)
             second = MemoryTransport()
-            await Connection(hub, second)._run()
+            await serve_transport(hub, second)
             assert second.denied == (429, [("retry-after", "1")])
             assert not second.accepted
             # A server without the denial-response extension: accepted, closed 3504.
             third = MemoryTransport(can_deny=False)
-            await Connection(hub, third)._run()
+            await serve_transport(hub, third)
             assert third.accepted
             assert third.close_code == 3504
             # Another address is not affected.
             other = MemoryTransport(client=("198.51.100.7", 1))
-            tg.start_soon(Connection(hub, other)._run)
+            tg.start_soon(serve_transport, hub, other)
             await wait_for(lambda: other.accepted)
             assert hub.stats().connections == 2
             await first.client_disconnect(1000)
@@ -175,7 +175,7 @@ async def test_a_refusal_sends_429_with_retry_after_before_anything_is_accepted(
     for transport in (first, second, third, other):
         transport.close_streams()
     assert hub.stats().closes["ip_limit"] == 2
-    assert len(hub._admission) == 0
+    assert len(hub._registry.admission) == 0
 
 
 @pytest.mark.anyio
@@ -258,7 +258,7 @@ async def test_the_sessions_detached_longest_ago_end_beyond_the_cap() -> None:
     transports = [MemoryTransport() for _ in range(4)]
     async with hub.run(), anyio.create_task_group() as tg:
         for transport in transports:
-            tg.start_soon(Connection(hub, transport)._run)
+            tg.start_soon(serve_transport, hub, transport)
             await transport.client_send({"type": "hello", "v": 1})
             await wait_for(lambda t=transport: bool(t.sent))  # welcomed
         for transport in transports[:3]:
@@ -266,7 +266,7 @@ async def test_the_sessions_detached_longest_ago_end_beyond_the_cap() -> None:
         await wait_for(lambda: hub.stats().connections == 1)
         stats = hub.stats()
         assert (stats.sessions, stats.detached_sessions) == (3, 2)
-        assert hub._metrics.sessions_ended["evicted"] == 1
+        assert hub.telemetry.metrics.sessions_ended["evicted"] == 1
         roster = {entry.member: entry.status.value for entry in hub.presence("lobby")}
         assert sorted(roster.values()) == ["away", "away", "online"]
         await transports[3].client_disconnect(1000)
@@ -290,7 +290,7 @@ async def test_clients_without_an_address_are_not_limited_together() -> None:
     transports = [MemoryTransport(client=None) for _ in range(3)]
     async with hub.run(), anyio.create_task_group() as tg:
         for transport in transports:
-            tg.start_soon(Connection(hub, transport)._run)
+            tg.start_soon(serve_transport, hub, transport)
         await wait_for(lambda: all(t.accepted for t in transports))
         assert hub.stats().connections == 3
         for transport in transports:

@@ -331,14 +331,6 @@ def test_shared_state_is_abstract() -> None:
         Partial()
 
 
-def test_the_old_import_path_of_the_memory_backplane() -> None:
-    from wsroom._backplane import base, memory
-
-    assert base.MemoryBackplane is memory.MemoryBackplane is MemoryBackplane
-    with pytest.raises(AttributeError):
-        base.Nothing  # noqa: B018
-
-
 # ------------------------------------------------------------------ the hub's side
 
 
@@ -357,7 +349,7 @@ async def test_a_stream_the_backplane_lost_sends_its_clients_to_resume() -> None
     hub = lobby_hub()
     async with running(hub) as (peer, _):
         await wait_for(lambda: any(f["type"] == "welcome" for f in peer.frames))
-        hub._backplane._lost("room")
+        hub.backplane._lost("room")
         assert await peer.wait_closed() == CloseCode.INSUFFICIENT_STATE
     assert hub.stats().closes == {"gap": 1}
 
@@ -371,7 +363,7 @@ async def test_a_renumbered_stream_is_a_gap_not_a_duplicate() -> None:
         await wait_for(lambda: any(f["type"] == "welcome" for f in peer.frames))
         assert await hub.publish("room", "e", 1) == 1
         await wait_for(lambda: any(f["type"] == "msg" for f in peer.frames))
-        backplane = hub._backplane
+        backplane = hub.backplane
         await backplane.close("room")
         await backplane.open("room", HistoryLimits())  # a new epoch
         assert await hub.publish("room", "e", 2) == 1

@@ -9,7 +9,7 @@ import anyio
 import pytest
 from trio.testing import MockClock
 
-from support import MemoryTransport, Peer, running
+from support import MemoryTransport, Peer, running, serve_transport
 from wsroom import (
     CloseCode,
     Connection,
@@ -173,7 +173,7 @@ async def test_shutdown_flushes_then_closes_with_1012() -> None:
     peer = Peer(transport)
     async with anyio.create_task_group() as tg:
         async with hub.run():
-            tg.start_soon(Connection(hub, transport)._run)
+            tg.start_soon(serve_transport, hub, transport)
             tg.start_soon(peer.pump)
             await transport.client_send({"type": "hello", "v": 1})
             with anyio.fail_after(5):

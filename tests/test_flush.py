@@ -10,11 +10,12 @@ from typing import Any
 import anyio
 import pytest
 
-from support import MemoryTransport, Player, hub_app, running, serve, wait_for
+from support import MemoryTransport, Player, hub_app, running, serve, server_peer, wait_for
 from wsroom import CloseCode, Connection, Hub, HubConfig
 from wsroom._core.protocol import parse_client_frame
 from wsroom._core.state import CloseReason
 from wsroom._runtime.flush import start_eagerly
+from wsroom._runtime.serve import _to_dispatcher
 
 pytestmark = pytest.mark.anyio
 
@@ -131,7 +132,7 @@ class _StuckTransport(MemoryTransport):
         if self.stuck and '"type":"msg"' in text:
             self.stuck = False
             assert self.conn is not None
-            self.conn._request_close(CloseReason.SLOW_CONSUMER)
+            self.conn._backing.request_close(CloseReason.SLOW_CONSUMER)
             await anyio.sleep_forever()
         await super().send(text)
 
@@ -161,11 +162,11 @@ async def test_the_reader_takes_a_stopped_dispatcher_as_the_end() -> None:
     hub = Hub()
     async with hub.run(), anyio.create_task_group() as tg:
         transport = MemoryTransport()
-        conn = Connection(hub, transport)
+        peer = server_peer(hub, transport)
         send, receive = anyio.create_memory_object_stream[Any](1)
-        conn._inbox_send = send
+        peer.inbox = send
         receive.close()  # what the dispatcher does when it stops
         frame = parse_client_frame('{"type":"msg","event":"work","data":1}')
-        await conn._to_dispatcher(frame, tg)  # type: ignore[arg-type]
+        await _to_dispatcher(peer, frame, tg)  # type: ignore[arg-type]
         send.close()
         transport.close_streams()

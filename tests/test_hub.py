@@ -14,7 +14,16 @@ import pytest
 from fastapi import FastAPI, WebSocket
 from pydantic import BaseModel
 
-from support import MemoryTransport, Peer, Player, hub_app, running, serve, wait_for
+from support import (
+    MemoryTransport,
+    Peer,
+    Player,
+    hub_app,
+    running,
+    serve,
+    serve_transport,
+    wait_for,
+)
 from wsroom import (
     ClientError,
     CloseCode,
@@ -97,7 +106,7 @@ async def test_the_connection_cap_answers_1013() -> None:
         await welcomed(first)
         extra = MemoryTransport()
         peer = Peer(extra)
-        tg.start_soon(Connection(hub, extra)._run)
+        tg.start_soon(serve_transport, hub, extra)
         await peer.pump()
         assert peer.close_code == CloseCode.TRY_AGAIN_LATER
         assert hub.stats().connections == 1
@@ -111,7 +120,7 @@ async def test_a_connection_before_the_hub_runs_is_closed_1011(
     transport = MemoryTransport()
     peer = Peer(transport)
     async with anyio.create_task_group() as tg:
-        tg.start_soon(Connection(hub, transport)._run)
+        tg.start_soon(serve_transport, hub, transport)
         await peer.pump()
     transport.close_streams()
     assert peer.close_code == CloseCode.INTERNAL_ERROR
@@ -197,7 +206,7 @@ async def test_close_rejects_codes_that_may_not_be_sent() -> None:
 def push(conn: Connection, frame: str, size: int, policy: Policy,
          key: Hashable | None = None) -> None:
     """Queue a frame on `conn` as a broadcast would (unnumbered: a test frame)."""
-    conn._enqueue(Envelope("test", "e", 0, frame, size, key), policy)
+    conn._backing.sender.enqueue(Envelope("test", "e", 0, frame, size, key), policy)
 
 
 async def test_drop_oldest_and_coalesce_discard_only_their_own_frames() -> None:
@@ -221,13 +230,13 @@ async def test_drop_oldest_and_coalesce_discard_only_their_own_frames() -> None:
         conn = hub.members("drop_oldest:cursors")[0]
         for n in range(20):
             push(conn, f'{{"type":"t","c":{n}}}', 20, Policy.DROP_OLDEST)
-        assert len(conn._queue) == 10
+        assert len(conn._backing.sender.queue) == 10
         assert hub.stats().discarded == 10
         await wait_for(lambda: any(f.get("c") == 19 for f in peer.frames))
         for n in range(30):
             push(conn, f'{{"type":"t","s":{n},"k":{n % 3}}}', 28, Policy.COALESCE,
                  ("coalesce:scores", n % 3))
-        assert len(conn._queue) <= 10
+        assert len(conn._backing.sender.queue) <= 10
         await wait_for(lambda: any(f.get("s") == 29 for f in peer.frames))
     cursors = [f["c"] for f in peer.frames if "c" in f]
     scores = [(f["k"], f["s"]) for f in peer.frames if "s" in f]
@@ -436,7 +445,7 @@ async def test_shutdown_while_a_connection_is_being_accepted() -> None:
     peer = Peer(transport)
     async with anyio.create_task_group() as tg:
         async with hub.run():
-            tg.start_soon(Connection(hub, transport)._run)
+            tg.start_soon(serve_transport, hub, transport)
             tg.start_soon(peer.pump)
             await wait_for(lambda: hub.stats().connections == 1)
             async with anyio.create_task_group() as inner:
@@ -456,7 +465,7 @@ async def test_a_client_that_leaves_during_the_upgrade_is_released_quietly(
     transport = GatedAcceptTransport(fail=True)
     async with hub.run():
         transport.gate.set()
-        await Connection(hub, transport)._run()  # returns, does not raise
+        await serve_transport(hub, transport)  # returns, does not raise
     transport.close_streams()
     assert hub.stats().closes == {"client_closed": 1}
     assert transport.close_code is None  # nothing sent on a socket never accepted
@@ -504,7 +513,7 @@ async def test_shutdown_called_from_a_handler_completes() -> None:
     async with anyio.create_task_group() as outer:
         async with hub.run():
             for transport, peer in zip(transports, peers, strict=True):
-                outer.start_soon(Connection(hub, transport)._run)
+                outer.start_soon(serve_transport, hub, transport)
                 outer.start_soon(peer.pump)
                 await transport.client_send({"type": "hello", "v": 1})
                 await welcomed(peer)
@@ -692,7 +701,7 @@ async def test_disconnect_ends_every_session_of_a_member() -> None:
         for member in ("sam", "sam", "gm"):
             transport = MemoryTransport()
             peer = Peer(transport)
-            tg.start_soon(Connection(hub, transport)._run)
+            tg.start_soon(serve_transport, hub, transport)
             tg.start_soon(peer.pump)
             await transport.client_send({"type": "hello", "v": 1, "auth": member})
             await welcomed(peer)

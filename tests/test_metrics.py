@@ -95,14 +95,15 @@ NAMES = {
 def filled_hub() -> Hub:
     """A hub (not running) whose counters were set by hand."""
     hub = Hub()
-    hub._stats.connections_total = 7
-    hub._stats.messages_in = 11
-    hub._stats.messages_out = 13
-    hub._stats.frames_out = 5
-    hub._stats.handler_errors = 2
-    hub._stats.discarded = 99  # not exported: wsroom_dropped_messages_total is metrics.dropped
-    hub._stats.resumes.update({"recovered": 3, "rejected": 1})
-    metrics = hub._metrics
+    hub.telemetry.counters.connections_total = 7
+    hub.telemetry.counters.messages_in = 11
+    hub.telemetry.counters.messages_out = 13
+    hub.telemetry.counters.frames_out = 5
+    hub.telemetry.counters.handler_errors = 2
+    # Not exported: wsroom_dropped_messages_total is metrics.dropped.
+    hub.telemetry.counters.discarded = 99
+    hub.telemetry.counters.resumes.update({"recovered": 3, "rejected": 1})
+    metrics = hub.telemetry.metrics
     metrics.received_bytes = 1234
     metrics.sent_bytes = 5678
     metrics.refused.update({"origin": 2, "over_capacity": 1})
@@ -205,12 +206,12 @@ def test_the_histograms_bucket_bounds_match_the_hubs() -> None:
 def test_an_unhealthy_backplane_reports_0() -> None:
     hub = Hub()
 
-    class Down(type(hub._backplane)):  # type: ignore[misc]
+    class Down(type(hub.backplane)):  # type: ignore[misc]
         @property
         def healthy(self) -> bool:
             return False
 
-    hub._backplane.__class__ = Down
+    hub.backplane.__class__ = Down
     assert scrape(single(HubCollector(hub))).value("wsroom_backplane_up") == 0
 
 
@@ -218,8 +219,8 @@ def test_the_collector_reads_at_scrape_time() -> None:
     hub = Hub()
     registry = single(HubCollector(hub))
     assert scrape(registry).value("wsroom_sent_bytes_total") == 0
-    hub._metrics.sent_bytes += 10
-    hub._metrics.refused["origin"] += 1
+    hub.telemetry.metrics.sent_bytes += 10
+    hub.telemetry.metrics.refused["origin"] += 1
     result = scrape(registry)
     assert result.value("wsroom_sent_bytes_total") == 10
     assert result.value("wsroom_refused_total", reason="origin") == 1
@@ -250,7 +251,7 @@ async def test_a_running_hub_with_a_connection() -> None:
         await wait_for(lambda: any(f["type"] == "msg" for f in peer.frames))
 
         result = scrape(registry)
-        stats, metrics = hub.stats(), hub._metrics  # no await since the scrape
+        stats, metrics = hub.stats(), hub.telemetry.metrics  # no await since the scrape
         assert result.labelled("wsroom_connections") == {
             labels(state="handshake"): 0, labels(state="open"): 1, labels(state="closing"): 0}
         assert result.labelled("wsroom_sessions") == {labels(state="live"): 1,
@@ -274,7 +275,7 @@ async def test_a_running_hub_with_a_connection() -> None:
 
 def test_two_hubs_in_one_registry_with_constant_labels() -> None:
     first, second = filled_hub(), Hub()
-    second._metrics.refused["origin"] = 5
+    second.telemetry.metrics.refused["origin"] = 5
     registry = CollectorRegistry()
     app = metrics_app(first, registry=registry, labels={"worker": "1"})
     registry.register(HubCollector(second, labels={"worker": "2"}))
@@ -494,8 +495,8 @@ def test_without_prometheus_client_import_works_and_use_explains(
         module.metrics_app(Hub())
     # The hub counts all the same.
     hub = Hub()
-    hub._metrics.heartbeat_rtt.observe(0.01)
-    assert hub._metrics.heartbeat_rtt.count == 1
+    hub.telemetry.metrics.heartbeat_rtt.observe(0.01)
+    assert hub.telemetry.metrics.heartbeat_rtt.count == 1
 
 
 def test_the_module_is_whole_again_after_the_reload() -> None:

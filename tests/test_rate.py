@@ -98,4 +98,4 @@ async def test_a_flood_of_unsolicited_pongs_is_rate_limited_too() -> None:
         assert await peer.wait_closed() == CloseCode.RATE_LIMITED
     assert not [f for f in peer.frames if f["type"] == "error"]
     assert hub.stats().closes == {"rate_limited": 1}
-    assert hub._metrics.dropped["rate_limited"] == 2
+    assert hub.telemetry.metrics.dropped["rate_limited"] == 2

@@ -15,6 +15,7 @@ session is detached for ``resume_window``), which the tests that kill a socket c
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -411,12 +412,12 @@ async def test_an_expired_token_is_refused_with_3500() -> None:
 
 
 async def test_expiry_is_checked_on_the_hubs_wall_clock() -> None:
-    hub = game_hub()
+    wall = [time.time()]
+    hub = game_hub(clock=lambda: wall[0])
     async with serve(hub_app(hub)) as url, Player.connect(url + "/ws") as first:
         assert first.welcome is not None
         token = first.welcome["resume"]
-        now = hub._wall_clock()
-        hub._wall_clock = lambda: now + hub.config.resume_token_ttl + 1
+        wall[0] += hub.config.resume_token_ttl + 1
         async with raw(url + "/ws") as second:
             await send_hello(second.ws, token)
             assert await second.until_closed() == 3500
@@ -566,7 +567,7 @@ async def test_an_unresumed_session_alone_is_forgotten_after_the_window() -> Non
             0, 0, 0, 0)
         assert hub.presence(ROOM) == ()
         # The streams (inbox, room) are closed right after (the close awaits).
-        await wait_for(lambda: len(hub._backplane) == 0)  # type: ignore[arg-type]
+        await wait_for(lambda: len(hub.backplane) == 0)  # type: ignore[arg-type]
 
 
 # 6 ------------------------------------------------------------------------ inbox

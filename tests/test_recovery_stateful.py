@@ -21,12 +21,13 @@
      the model.
 
 2. Virtual-clock tests (trio ``MockClock``, autojump) of the window's boundary and of
-   resume-token expiry (``HubConfig.resume_token_ttl`` against ``hub._wall_clock``).
+   resume-token expiry (``HubConfig.resume_token_ttl`` against the hub's ``clock``).
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -45,10 +46,10 @@ from hypothesis.stateful import (
 )
 from trio.testing import MockClock, wait_all_tasks_blocked
 
-from support import MemoryTransport, Peer
+from support import MemoryTransport, Peer, serve_transport
 from wsroom import CloseCode, Connection, Handshake, Hub, HubConfig, Identity, RoomConfig
 from wsroom._asgi.transport import Disconnected
-from wsroom._backplane.base import Envelope, MemoryBackplane
+from wsroom._backplane import Envelope, MemoryBackplane
 from wsroom._core.codes import should_reconnect
 from wsroom._core.history import HistoryLimits
 
@@ -207,9 +208,9 @@ class ResumeMachine(RuleBasedStateMachine):
         async def snapshot(conn: Connection, stream: str) -> Any:
             return {"stream": stream}
 
+        # On a fixed wall clock tokens never expire here (see the tests below).
         hub = Hub(config, authenticate=authenticate, snapshot=snapshot,
-                  backplane=self.backplane)
-        hub._wall_clock = lambda: WALL  # tokens never expire here (see the tests below)
+                  backplane=self.backplane, clock=lambda: WALL)
 
         @hub.on_connect
         async def join(conn: Connection) -> None:
@@ -599,12 +600,13 @@ class ResumeMachine(RuleBasedStateMachine):
         counts = (stats.connections, stats.sessions, stats.detached_sessions)
         expected = (len(self._live()), len(alive), len(detached))
         if counts != expected:
-            hub_detached = [(s.member, s.detached_at) for s in hub._sessions._detached.values()]
+            registry = hub._membership.sessions
+            hub_detached = [(s.member, s.detached_at) for s in registry._detached.values()]
             problems.append(f"(connections, sessions, detached) = {counts}, model "
                             f"{expected} at t={now}: {self._describe()}; the hub's "
                             f"detached sessions: {hub_detached}")
         for client in self.clients:
-            if client.session_alive(now) and client.session not in hub._sessions:
+            if client.session_alive(now) and client.session not in hub._membership.sessions:
                 problems.append(f"{client.name}: session missing: {self._describe()}")
             if not client.connected or not client.welcomed:
                 continue
@@ -644,12 +646,12 @@ def anyio_backend() -> tuple[str, dict[str, Any]]:
     return ("trio", {"clock": MockClock(autojump_threshold=0)})
 
 
-def _hub(**config: Any) -> Hub:
+def _hub(clock: Callable[[], float] = time.time, **config: Any) -> Hub:
     async def authenticate(handshake: Handshake) -> Identity:
         return Identity(id=str(handshake.auth))
 
     hub = Hub(HubConfig(ping_interval=1e6, pong_timeout=1e6, **config),
-              authenticate=authenticate)
+              authenticate=authenticate, clock=clock)
 
     @hub.on_connect
     async def join(conn: Connection) -> None:
@@ -664,7 +666,7 @@ async def _open(tg: anyio.abc.TaskGroup, hub: Hub, hello: dict[str, Any],
     transport = MemoryTransport()
     transports.append(transport)
     peer = Peer(transport)
-    tg.start_soon(Connection(hub, transport)._run)
+    tg.start_soon(serve_transport, hub, transport)
     tg.start_soon(peer.pump)
     await transport.client_send(hello)
     await wait_all_tasks_blocked()
@@ -751,7 +753,7 @@ async def test_a_detached_session_expires_exactly_when_the_window_ends() -> None
         start = anyio.current_time()
         await alice.transport.client_disconnect(1006)
         await wait_all_tasks_blocked()
-        session = hub._sessions.get(first["session"])
+        session = hub._membership.sessions.get(first["session"])
         assert session is not None
         assert session.detached_at == start
 
@@ -782,9 +784,8 @@ async def test_a_detached_session_expires_exactly_when_the_window_ends() -> None
 
 @pytest.mark.anyio
 async def test_a_resume_token_works_until_just_before_its_ttl_and_not_after() -> None:
-    hub = _hub(resume_window=10_000.0, resume_token_ttl=100.0)
     wall = [1_000_000.0]
-    hub._wall_clock = lambda: wall[0]
+    hub = _hub(lambda: wall[0], resume_window=10_000.0, resume_token_ttl=100.0)
     transports: list[MemoryTransport] = []
     async with hub.run(), anyio.create_task_group() as tg:
         alice = await _open(tg, hub, {"type": "hello", "v": 1, "auth": "alice"}, transports)

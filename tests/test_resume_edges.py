@@ -19,7 +19,7 @@ from unittest.mock import ANY
 import anyio
 import pytest
 
-from support import MemoryTransport, Peer, hub_app, running, serve, wait_for
+from support import MemoryTransport, Peer, hub_app, running, serve, serve_transport, wait_for
 from wsroom import (
     Connection,
     Hub,
@@ -28,7 +28,8 @@ from wsroom import (
     Policy,
     RoomConfig,
 )
-from wsroom._backplane.base import MemoryBackplane
+from wsroom._backplane import MemoryBackplane
+from wsroom._core.cursor import Step, StreamCursor
 from wsroom._core.history import HistoryLimits
 from wsroom.client import Client, Message
 
@@ -74,14 +75,14 @@ async def test_d1_drop_while_the_inbox_opens_leaks_the_session() -> None:
     transport = MemoryTransport()
     try:
         async with hub.run(), anyio.create_task_group() as tg:
-            tg.start_soon(Connection(hub, transport)._run)
+            tg.start_soon(serve_transport, hub, transport)
             await transport.client_send(HELLO)
             await backplane.entered.wait()
             await transport.client_disconnect(1006)  # lost: the session is resumable
             await wait_for(lambda: hub.stats().connections == 0)
             # Well past the resume window: nothing of this client may remain.
             await anyio.sleep(0.3)
-            live_on_dead = [s for s in hub._sessions.all() if s.connection is not None]
+            live_on_dead = [s for s in hub._membership.sessions.all() if s.connection is not None]
             tg.cancel_scope.cancel()
     finally:
         transport.close_streams()
@@ -97,12 +98,12 @@ async def test_d1b_hello_then_immediate_drop_with_the_default_backplane() -> Non
     try:
         async with hub.run(), anyio.create_task_group() as tg:
             for transport in transports:
-                tg.start_soon(Connection(hub, transport)._run)
+                tg.start_soon(serve_transport, hub, transport)
                 await transport.client_send(HELLO)
                 await transport.client_disconnect(1006)
             await wait_for(lambda: hub.stats().connections == 0)
             await anyio.sleep(0.3)  # three resume windows
-            sessions, streams = hub.stats().sessions, len(hub._backplane)  # type: ignore[arg-type]
+            sessions, streams = hub.stats().sessions, len(hub.backplane)  # type: ignore[arg-type]
             tg.cancel_scope.cancel()
     finally:
         for transport in transports:
@@ -229,20 +230,19 @@ async def test_d4_a_lossy_room_joined_after_the_welcome_is_never_marked_lossy() 
         await wait_for(lambda: any(m["offset"] == 20 for m in of_type(peer, "msg")))
     offsets = [m["offset"] for m in of_type(peer, "msg") if m["stream"] == "fast"]
     assert offsets != list(range(1, 21)), "precondition: drop_oldest discarded something"
-    # What the Python client does with these frames:
-    client = Client("ws://unused")
-    try:
-        verdicts = []
-        for frame in peer.frames:  # in order, as the client reads them
-            if frame["type"] == "welcome":
-                client._on_welcome(frame)
-            elif frame["type"] == "stream":
-                client._on_stream(frame)
-            elif frame["type"] == "msg":
-                verdicts.append(await client._on_msg(frame))
-    finally:
-        client._inbox_send.close()
-        client._inbox.close()
+    # What the clients (which judge positions with the one stream cursor) do with
+    # these frames:
+    cursor = StreamCursor()
+    verdicts = []
+    for frame in peer.frames:  # in order, as the client reads them
+        if frame["type"] == "welcome":
+            cursor.welcome(frame["streams"])
+        elif frame["type"] == "stream":
+            cursor.set(frame["stream"], frame["epoch"], frame["offset"],
+                       lossy=bool(frame.get("lossy")))
+        elif frame["type"] == "msg":
+            step = cursor.advance(frame["stream"], frame["epoch"], frame["offset"])
+            verdicts.append(step in (Step.NEW, Step.DUPLICATE))
     assert all(verdicts), (
         f"offsets {offsets} of a drop_oldest room look like a gap to the client: "
         "nothing told it the room is lossy")
@@ -309,7 +309,7 @@ async def test_d6_a_room_left_during_the_handshake_crashes_the_connection() -> N
 
     async def serve_one() -> None:
         try:
-            await Connection(hub, transport)._run()
+            await serve_transport(hub, transport)
         except Exception as exc:  # recorded for the assertion
             errors.append(exc)
 

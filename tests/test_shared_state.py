@@ -17,7 +17,7 @@ from typing import Any
 import anyio
 import pytest
 
-from support import MemoryTransport, Peer, wait_for
+from support import MemoryTransport, Peer, serve_transport, wait_for
 from test_backplane_conformance import REDIS_URL, delete_prefix, redis_or_skip
 from wsroom import Connection, Handshake, Hub, HubConfig, Identity
 
@@ -60,7 +60,7 @@ class Client:
         transport = MemoryTransport()
         TRANSPORTS.append(transport)
         peer = Peer(transport)
-        tg.start_soon(Connection(hub, transport)._run)
+        tg.start_soon(serve_transport, hub, transport)
         tg.start_soon(peer.pump)
         hello: dict[str, Any] = {"type": "hello", "v": 1, "auth": {"name": self.name}}
         if resume is not None:
@@ -201,8 +201,8 @@ async def test_a_worker_that_stops_refreshing_is_dead_its_members_away_not_gone(
         async def silent(*args: Any) -> None:
             """A worker frozen or killed: it refreshes no more."""
 
-        a._backplane.refresh = silent  # type: ignore[method-assign]
-        b._backplane._state.dead_after_ms = 600  # type: ignore[attr-defined]
+        a.backplane.refresh = silent  # type: ignore[method-assign]
+        b.backplane._state.dead_after_ms = 600  # type: ignore[attr-defined]
         await wait_for(lambda: bob.roster().get("ann") == "away", timeout=10)
         await b.publish("table", "n", "while ann's worker was dead")
 
@@ -236,7 +236,7 @@ async def test_backplane_events_are_metrics() -> None:
     from wsroom.metrics import HubCollector
 
     async with two_workers() as (a, _, _tg):
-        a._backplane.stats["reconnects"] += 1  # type: ignore[attr-defined]
+        a.backplane.stats["reconnects"] += 1  # type: ignore[attr-defined]
         families = {f.name: f for f in HubCollector(a).collect()}
         samples = {s.labels["event"]: s.value
                    for s in families["wsroom_backplane_events"].samples}
@@ -268,8 +268,8 @@ async def test_late_words_from_the_worker_a_session_left_are_ignored() -> None:
         await late.end_session(session)
         stale = SessionRecord(session, "ann", 1, (1,), ("table",), {})
         assert await late.save_session(stale, 30) is False  # it moved on
-        owners = await b._backplane.session_owners([session])
-        assert owners == {session: b._backplane.worker}
+        owners = await b.backplane.session_owners([session])
+        assert owners == {session: b.backplane.worker}
         await b.publish("table", "n", "after the late words")
         await wait_for(lambda: any(m["data"] == "after the late words" for m in bob.msgs()))
         assert bob.roster().get("ann") == "online"
@@ -328,5 +328,5 @@ async def test_a_resume_on_the_same_worker_while_changes_wait_is_saved_after_the
         await again.connect(a, tg, resume=resume)
         release.set()
         assert await a._cluster.flush(5)
-        owners = await a._backplane.session_owners([session_id])
-        assert owners == {session_id: a._backplane.worker}
+        owners = await a.backplane.session_owners([session_id])
+        assert owners == {session_id: a.backplane.worker}

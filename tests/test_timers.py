@@ -18,9 +18,9 @@ class Target:
         self.name = name
         self.log = log
         self.then = list(then or [])
-        self._timer_at = math.inf
+        self.timer_at = math.inf
 
-    def _on_timer(self, now: float) -> float | None:
+    def on_timer(self, now: float) -> float | None:
         self.log.append((self.name, now))
         if self.name == "broken":
             raise RuntimeError("a bug")

@@ -26,11 +26,11 @@ from wsroom._core.errors import (
     WsroomError,
 )
 from wsroom._core.history import HistoryLimits, Recovery
+from wsroom._core.identity import Identity
 from wsroom._core.presence import PresenceEntry, PresenceStatus
 from wsroom._core.queue import Policy
-from wsroom._runtime.connection import Connection, Identity
-from wsroom._runtime.handlers import MessageContext
-from wsroom._runtime.hub import Hub, HubStats
+from wsroom._runtime.connection import Connection
+from wsroom._runtime.hub import Hub, HubStats, MessageContext
 
 __version__ = "0.1.0.dev0"
 

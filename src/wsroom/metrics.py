@@ -114,7 +114,7 @@ class HubCollector:
         """The hub's metric families as they are now."""
         hub = self.hub
         stats = hub.stats()
-        metrics = hub._metrics
+        metrics = hub.telemetry.metrics
         names = list(self._labels)
         values = list(self._labels.values())
 
@@ -145,7 +145,7 @@ class HubCollector:
             GaugeMetricFamily("wsroom_connections",
                               "Connections registered, by state (handshake: before the "
                               "welcome).", labels=[*names, "state"]),
-            (((state,), count) for state, count in hub._connection_states().items()))
+            (((state,), count) for state, count in hub.connection_states().items()))
         yield labelled(
             GaugeMetricFamily("wsroom_sessions",
                               "Sessions: live (with a connection), or detached (waiting "
@@ -206,12 +206,12 @@ class HubCollector:
              in {**dict.fromkeys(_RESUME_RESULTS, 0), **stats.resumes}.items()))
         yield gauge("wsroom_backplane_up",
                     "1 while the backplane can publish and deliver, else 0.",
-                    1 if hub._backplane.healthy else 0)
+                    1 if hub.backplane.healthy else 0)
         yield labelled(
             CounterMetricFamily("wsroom_backplane_events", "Backplane events (Redis: "
                                 "reconnects, caught_up, lost, publish_errors).",
                                 labels=[*names, "event"]),
-            (((event,), count) for event, count in hub._backplane.counters().items()))
+            (((event,), count) for event, count in hub.backplane.counters().items()))
 
 
 class _Merged:

@@ -36,15 +36,11 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from anyio.abc import TaskGroup
 
 from wsroom._core.history import HistoryLimits, Recovery
-
-if TYPE_CHECKING:
-    # Transitional (see `__getattr__` below): the old import path of MemoryBackplane.
-    from wsroom._backplane.memory import MemoryBackplane as MemoryBackplane
 
 __all__ = ["Backplane", "Envelope", "PresenceOp", "SessionRecord", "SharedState",
            "StaleSession", "StateEvents"]
@@ -239,29 +235,6 @@ class Backplane(ABC):
     async def since(self, stream: str, epoch: str, offset: int) -> Recovery:
         """Everything after ``(epoch, offset)`` on `stream`, or not recovered."""
 
-    if TYPE_CHECKING:
-        # Transitional, for the type checker only: the runtime still calls the
-        # shared-state methods on its `Backplane` (after checking `shared`). They are
-        # not part of this interface (a `Backplane` object has none of them unless it
-        # is a `SharedState`); drop this block once the runtime narrows with
-        # ``isinstance(backplane, SharedState)``.
-
-        def bind_state(self, events: StateEvents) -> None: ...
-        async def save_session(self, record: SessionRecord, ttl: float) -> bool: ...
-        async def claim_session(self, session: str, member: str, generation: int,
-                                ttl: float) -> SessionRecord | None: ...
-        async def detach_session(self, session: str, window: float) -> None: ...
-        async def end_session(self, session: str) -> None: ...
-        async def announce(self, op: PresenceOp) -> None: ...
-        async def roster(self, room: str) -> list[PresenceOp]: ...
-        async def refresh(self, sessions: list[str], ttl: float, window: float
-                          ) -> None: ...
-        async def session_owners(self, sessions: list[str]
-                                 ) -> dict[str, str | None]: ...
-        async def disconnect_sessions(self, sessions: list[str], code: int, reason: str
-                                      ) -> int: ...
-        async def member_sessions(self, member: str) -> list[str]: ...
-
 
 class SharedState(ABC):
     """Sessions and presence rosters shared by the workers of one backplane.
@@ -356,13 +329,3 @@ def _check_shared(backplane: Backplane) -> None:
                     f"{name}(Backplane, SharedState)) and implement its methods "
                     "(sessions and presence shared by the workers), or drop 'shared'")
 
-
-def __getattr__(name: str) -> object:
-    # Transitional: MemoryBackplane moved to wsroom._backplane.memory (import it from
-    # there, or from wsroom._backplane); this keeps the old path working without an
-    # import cycle.
-    if name == "MemoryBackplane":
-        from wsroom._backplane.memory import MemoryBackplane
-
-        return MemoryBackplane
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -25,17 +25,25 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Coroutine, Generator
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import anyio
 import anyio.lowlevel
 
-from wsroom._core.state import CloseReason
 
-if TYPE_CHECKING:
-    from wsroom._runtime.connection import Connection
+class Flushable(Protocol):
+    """What the flusher writes: a connection's sender."""
 
-__all__ = ["Continuation", "Flusher", "start_eagerly"]
+    def flush(self) -> None:
+        """Write what is queued while each send completes without waiting."""
+
+    def flush_failed(self) -> None:
+        """`flush` raised (a bug): close the connection."""
+
+    def unscheduled(self) -> None:
+        """The flusher stopped before writing it: the connection's writer takes over."""
+
+__all__ = ["Continuation", "Flushable", "Flusher", "start_eagerly"]
 
 log = logging.getLogger("wsroom")
 
@@ -101,21 +109,21 @@ class Flusher:
 
     def __init__(self, max_rounds: int = 4) -> None:
         self.max_rounds = max_rounds
-        self._dirty: list[Connection] = []
+        self._dirty: list[Flushable] = []
         self._queued = 0
         self._wakeup = anyio.Event()
 
-    def schedule(self, conn: Connection) -> None:
-        """`conn` has frames to write (called once until it is flushed)."""
+    def schedule(self, target: Flushable) -> None:
+        """`target` has frames to write (called once until it is flushed)."""
         if not self._dirty:
             self._wakeup.set()
-        self._dirty.append(conn)
+        self._dirty.append(target)
 
     def touch(self) -> None:
         """A frame was queued for a connection that is already scheduled."""
         self._queued += 1
 
-    def take_dirty(self) -> list[Connection]:
+    def take_dirty(self) -> list[Flushable]:
         """Remove and return the connections waiting to be flushed."""
         dirty, self._dirty = self._dirty, []
         return dirty
@@ -131,9 +139,9 @@ class Flusher:
                 rounds += 1
                 if rounds >= self.max_rounds or self._queued + len(self._dirty) == seen:
                     break
-            for conn in self.take_dirty():
+            for target in self.take_dirty():
                 try:
-                    conn._flush()
+                    target.flush()
                 except Exception:  # a bug: that connection must not stop the others
                     log.exception("flushing a connection failed")
-                    conn._request_close(CloseReason.INTERNAL_ERROR)
+                    target.flush_failed()

@@ -1,63 +1,21 @@
-"""Event handlers: registration, payload validation and the per-message context."""
+"""Event handlers: registration and payload validation (the per-message context,
+`MessageContext`, is the hub's)."""
 
 from __future__ import annotations
 
 import inspect
 import typing
 from collections.abc import Awaitable, Callable, Mapping
-from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import TypeAdapter
 
-if TYPE_CHECKING:
-    from wsroom._runtime.connection import Connection
-    from wsroom._runtime.hub import Hub
-
-__all__ = ["Handler", "Handlers", "MessageContext", "MessageScope", "Route"]
+__all__ = ["Handler", "Handlers", "Route"]
 
 
-class MessageContext:
-    """What a handler knows about the message it handles.
-
-    Attributes:
-        hub: the hub.
-        connection: the connection the message came from.
-        event: the event name.
-        ref: the client's request reference, if it expects a reply.
-        scope: the value yielded by the hub's `message_scope` for this message
-            (e.g. a database session), or None.
-    """
-
-    __slots__ = ("connection", "event", "hub", "ref", "scope")
-
-    def __init__(
-        self, hub: Hub, connection: Connection, event: str, ref: str | int | None
-    ) -> None:
-        self.hub = hub
-        self.connection = connection
-        self.event = event
-        self.ref = ref
-        self.scope: Any = None
-
-    async def publish(
-        self,
-        room: str,
-        event: str,
-        data: Any = None,
-        *,
-        key: str | None = None,
-        exclude_self: bool = False,
-    ) -> int | None:
-        """Publish to `room`; shorthand for `Hub.publish`."""
-        return await self.hub.publish(
-            room, event, data, key=key, exclude=self.connection if exclude_self else None
-        )
-
-
-Handler = Callable[[MessageContext, Any], Awaitable[Any]]
-MessageScope = Callable[[MessageContext], AbstractAsyncContextManager[Any]]
+Handler = Callable[[Any, Any], Awaitable[Any]]
+"""``async (ctx: MessageContext, data) -> reply``."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,10 +4,10 @@ A task and a loop timer per connection just to sleep until its next ping cost ab
 5 KiB and a task switch per ping each; at 10,000 idle connections they were most of
 the server's idle CPU. Here a connection only records when it wants to be called
 (`Timers.schedule`); one task keeps a heap of those times and calls
-``target._on_timer(now)`` when one is due, which returns the next time (or None).
+``target.on_timer(now)`` when one is due, which returns the next time (or None).
 
 Rescheduling never searches the heap: the target remembers its current time
-(``_timer_at``) and entries that no longer match it are skipped when they come up.
+(``timer_at``) and entries that no longer match it are skipped when they come up.
 The task sleeps until `RESOLUTION` after the earliest due time, so that due times close
 to each other are served by one wake-up; nothing is served before its time (a ping's
 send time is its RTT's start).
@@ -34,9 +34,9 @@ RESOLUTION = 0.01
 class Timed(Protocol):
     """What `Timers` schedules."""
 
-    _timer_at: float
+    timer_at: float
 
-    def _on_timer(self, now: float) -> float | None:
+    def on_timer(self, now: float) -> float | None:
         """A scheduled time has come: act, and return the next time (None: no more)."""
         ...
 
@@ -57,10 +57,10 @@ class Timers:
         return len(self._heap)
 
     def schedule(self, target: Timed, when: float) -> None:
-        """Call ``target._on_timer`` at `when` (replacing its previous time)."""
-        if target._timer_at != math.inf:
+        """Call ``target.on_timer`` at `when` (replacing its previous time)."""
+        if target.timer_at != math.inf:
             self._stale += 1
-        target._timer_at = when
+        target.timer_at = when
         heapq.heappush(self._heap, (when, next(self._counter), target))
         if when < self._until and self._wakeup is not None:
             self._wakeup.set()
@@ -69,12 +69,12 @@ class Timers:
         """Forget `target`'s time (its entry is dropped when it comes up, or sooner:
         the heap is compacted when stale entries are most of it, so that closed
         connections are not kept alive until their next ping time)."""
-        if target._timer_at != math.inf:
-            target._timer_at = math.inf
+        if target.timer_at != math.inf:
+            target.timer_at = math.inf
             self._stale += 1
             if self._stale > 64 and self._stale * 2 > len(self._heap):
                 self._heap[:] = [entry for entry in self._heap
-                                 if entry[2]._timer_at == entry[0]]
+                                 if entry[2].timer_at == entry[0]]
                 heapq.heapify(self._heap)
                 self._stale = 0
 
@@ -85,12 +85,12 @@ class Timers:
             self._until = -math.inf
             while heap and heap[0][0] <= now:
                 when, _, target = heapq.heappop(heap)
-                if target._timer_at != when:
+                if target.timer_at != when:
                     self._stale = max(0, self._stale - 1)
                     continue  # rescheduled or cancelled since
-                target._timer_at = math.inf
+                target.timer_at = math.inf
                 try:
-                    following = target._on_timer(now)
+                    following = target.on_timer(now)
                 except Exception:  # a bug: the other connections' deadlines must go on
                     log.exception("a connection's timer failed")
                     continue

@@ -6,7 +6,7 @@ clients must never wait for the network to see their own presence) and announces
 them in order through one task, the *outbox*: a session's record is saved when it
 changes (welcome, confirm, rooms), detached when its client drops, ended when it ends;
 roster changes are announced as `PresenceOp`s. The other workers apply them to their
-mirrors (`Hub._remote_presence`). Every `refresh_interval` the outbox also tells the
+mirrors (`Roster.remote`). Every `refresh_interval` the outbox also tells the
 backplane that this worker is alive and still holds its live sessions; a worker that
 stops doing so (SIGKILL) is declared dead by the others (`RedisBackplane`'s
 ``worker_timeout``, 3 s): its members turn *away*, and end when their resume window
@@ -28,32 +28,44 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from wsroom._backplane.base import PresenceOp, SessionRecord
+from wsroom._backplane.base import PresenceOp, SessionRecord, SharedState
 from wsroom._core.errors import BackplaneUnavailable
+from wsroom._core.identity import Identity
+from wsroom._core.rooms import Rooms
+from wsroom._core.sessions import SessionRegistry
 
 if TYPE_CHECKING:
-    from wsroom._runtime.hub import Hub, HubSession
+    from wsroom._runtime.ports import HubSession, PeerPort
 
-__all__ = ["Cluster"]
+__all__ = ["StateOutbox"]
 
 log = logging.getLogger("wsroom.hub")
 
 Job = Callable[[], Awaitable[None]]
 
 
-class Cluster:
+class StateOutbox:
     """An ordered outbox of shared-state changes, flushed by `run`.
 
     Args:
-        hub: the hub whose sessions and rooms are announced.
+        shared: the shared-state backplane.
+        sessions: this worker's sessions (only the live ones are saved).
+        rooms: the rooms registry (a session's record names its rooms).
+        resume_window: how long a detached session waits for a resume.
+        moved: called with a session id another worker holds now.
         refresh_interval: seconds between liveness refreshes.
         max_pending: changes kept while the backplane is unavailable.
     """
 
-    def __init__(self, hub: Hub, *, refresh_interval: float = 1.0,
+    def __init__(self, shared: SharedState, sessions: SessionRegistry[Identity, PeerPort],
+                 rooms: Rooms[HubSession], resume_window: float,
+                 moved: Callable[[str], None], *, refresh_interval: float = 1.0,
                  max_pending: int = 100_000) -> None:
-        self._hub = hub
-        self._backplane = hub._backplane
+        self._backplane = shared
+        self._sessions = sessions
+        self._rooms = rooms
+        self._resume_window = resume_window
+        self._moved = moved
         self._jobs: deque[tuple[str | None, Job]] = deque()
         self._dirty: set[str] = set()
         # Events are made in the task (a hub may be built outside any event loop).
@@ -69,7 +81,7 @@ class Cluster:
     @property
     def ttl(self) -> float:
         """How long a live session's record outlives this worker's last refresh."""
-        return self._hub.config.resume_window + 3 * self.refresh_interval
+        return self._resume_window + 3 * self.refresh_interval
 
     # ------------------------------------------------------------------ changes
 
@@ -95,24 +107,23 @@ class Cluster:
 
     async def _save(self, session: HubSession) -> None:
         self._dirty.discard(session.id)
-        hub = self._hub
-        if hub._sessions.get(session.id) is not session or session.connection is None:
+        if self._sessions.get(session.id) is not session or session.connection is None:
             return  # ended, or detached since (the detach job follows)
         if not await self._backplane.save_session(self.record(session), self.ttl):
             # Another worker holds it now (this one missed the word): let it go.
-            hub._drop_local(session.id, "moved")
+            self._moved(session.id)
 
     def record(self, session: HubSession) -> SessionRecord:
         """The session as other workers need it."""
         return SessionRecord(
             session.id, session.member, session.generation, session.accepted,
-            tuple(sorted(self._hub._rooms.rooms_of(session))),
+            tuple(sorted(self._rooms.rooms_of(session))),
             dict(session.identity.info))
 
     def session_detached(self, session: HubSession) -> None:
         # A change after this (a resume here) must be saved after the detach.
         self._dirty.discard(session.id)
-        window = self._hub.config.resume_window
+        window = self._resume_window
         self._push(lambda: self._backplane.detach_session(session.id, window))
 
     def session_ended(self, session_id: str) -> None:
@@ -166,8 +177,8 @@ class Cluster:
                 self._idle.set()
 
     async def _refresh(self) -> None:
-        live = [s.id for s in self._hub._sessions.all() if s.connection is not None]
-        await self._backplane.refresh(live, self.ttl, self._hub.config.resume_window)
+        live = [s.id for s in self._sessions.all() if s.connection is not None]
+        await self._backplane.refresh(live, self.ttl, self._resume_window)
 
     async def flush(self, within: float = 5.0) -> bool:
         """Wait until every change so far was announced (False after `within` s)."""
