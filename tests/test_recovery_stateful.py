@@ -46,7 +46,7 @@ from hypothesis.stateful import (
 )
 from trio.testing import MockClock, wait_all_tasks_blocked
 
-from support import MemoryTransport, Peer, serve_transport
+from support import MemoryTransport, Peer, serve_peer, serve_transport, server_peer
 from wsroom import CloseCode, Connection, Handshake, Hub, HubConfig, Identity, RoomConfig
 from wsroom._asgi.transport import Disconnected
 from wsroom._backplane import Envelope, MemoryBackplane
@@ -430,10 +430,10 @@ class ResumeMachine(RuleBasedStateMachine):
         client.awaiting_snapshot = {}
         transport = StallableTransport()
         self.transports.append(transport)
-        conn = Connection(self.hub, transport)
-        client.transport, client.conn = transport, conn
+        peer = server_peer(self.hub, transport)
+        client.transport, client.conn = transport, peer.connection
         client.connected, client.welcomed = True, False
-        self.tg.start_soon(conn._run)
+        self.tg.start_soon(serve_peer, peer)
         self.tg.start_soon(self._pump, client, transport)
         await transport.client_send(hello)
         for room, rounds in racing:

@@ -283,20 +283,20 @@ async def test_member_info_is_encoded_like_frames_and_never_blocks_the_outbox() 
     import datetime
 
     async with two_workers() as (a, b, tg):
-        original = a._authenticate_hook
+        original = a._runtime._authenticate
         assert original is not None
 
         async def with_a_date(handshake: Handshake) -> Identity:
             identity = await original(handshake)
             return Identity(id=identity.id, info={"since": datetime.datetime(2026, 11, 26)})
 
-        a._authenticate_hook = with_a_date
+        a._runtime._authenticate = with_a_date
         ann, bob = Client("ann"), Client("bob")
         await ann.connect(a, tg)
         await bob.connect(b, tg)
         await wait_for(lambda: bob.roster() == {"ann": "online", "bob": "online"})
-        assert a._cluster is not None
-        assert await a._cluster.flush(5)
+        assert a._membership.outbox is not None
+        assert await a._membership.outbox.flush(5)
 
 
 @pytest.mark.anyio
@@ -306,20 +306,20 @@ async def test_a_resume_on_the_same_worker_while_changes_wait_is_saved_after_the
     live (a resume after the detach is saved after it), or the shared expiry would end
     the session under a connected client."""
     async with two_workers() as (a, _b, tg):
-        assert a._cluster is not None
+        assert a._membership.outbox is not None
         ann = Client("ann")
         await ann.connect(a, tg)
-        assert await a._cluster.flush(5)
+        assert await a._membership.outbox.flush(5)
         session_id = ann.welcome()["session"]
-        session = a._sessions.get(session_id)
+        session = a._membership.sessions.get(session_id)
         assert session is not None
         release = anyio.Event()
 
         async def blocked() -> None:
             await release.wait()
 
-        a._cluster._push(blocked)  # the outbox is busy (a slow Redis, a backlog)
-        a._cluster.session_changed(session)  # e.g. a confirm: a save waits
+        a._membership.outbox._push(blocked)  # the outbox is busy (a slow Redis, a backlog)
+        a._membership.outbox.session_changed(session)  # e.g. a confirm: a save waits
         resume = ann.resume()
         assert ann.peer is not None
         await ann.peer.transport.client_disconnect(1006)
@@ -327,6 +327,6 @@ async def test_a_resume_on_the_same_worker_while_changes_wait_is_saved_after_the
         again = Client("ann")
         await again.connect(a, tg, resume=resume)
         release.set()
-        assert await a._cluster.flush(5)
+        assert await a._membership.outbox.flush(5)
         owners = await a.backplane.session_owners([session_id])
         assert owners == {session_id: a.backplane.worker}
