@@ -39,7 +39,7 @@ from wsroom import (
     Reject,
     RoomConfig,
 )
-from wsroom._backplane.base import Envelope
+from wsroom._backplane import Envelope, MemoryBackplane
 
 pytestmark = pytest.mark.anyio
 
@@ -734,3 +734,51 @@ async def test_the_readiness_endpoint_follows_the_hub_and_its_backplane() -> Non
     async with hub.run():
         assert (await hub.readiness(request)).status_code == 200
     assert (await hub.readiness(request)).status_code == 503
+
+
+class _GatedOpen(MemoryBackplane):
+    """Opening the room ``slow`` takes its position, then waits for the next gate in
+    `gates` before returning it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gates: list[anyio.Event] = []
+
+    async def open(self, stream: str, limits: Any = None) -> tuple[str, int]:
+        position = await super().open(stream, limits)
+        if stream == "slow" and self.gates:
+            await self.gates.pop(0).wait()
+        return position
+
+
+async def test_a_join_superseded_by_a_later_join_of_the_room_does_not_move_the_position(
+) -> None:
+    """join, leave and join again while the first opening still waits: the later join
+    decides the position; the first, finishing last, must neither announce an older
+    position (the client would take the next message for a hole) nor leave its
+    buffered bytes counted against the connection (a spurious 3008 later)."""
+    backplane = _GatedOpen()
+    hub = Hub(HubConfig(max_queue_messages=50), backplane=backplane)
+    async with running(hub) as (peer, tg):
+        await welcomed(peer)
+        (conn,) = hub.connections()
+        first, second = anyio.Event(), anyio.Event()
+        backplane.gates[:] = [first, second]
+        tg.start_soon(conn.join, "slow")
+        await wait_for(lambda: not backplane.gates[1:])  # the first opening waits
+        await conn.leave("slow")
+        tg.start_soon(conn.join, "slow")
+        await wait_for(lambda: not backplane.gates)  # the second one waits too
+        for n in range(3):
+            await hub.publish("slow", "m", n)
+        second.set()
+        await wait_for(lambda: of_type(peer, "stream"))
+        first.set()
+        for n in range(3, 6):
+            await hub.publish("slow", "m", n)
+        await wait_for(lambda: [m["data"] for m in of_type(peer, "msg")][-1:] == [5])
+        assert len(of_type(peer, "stream")) == 1
+        offsets = [m["offset"] for m in of_type(peer, "msg")]
+        assert offsets == sorted(set(offsets))
+        assert conn.open
+        assert conn._backing.pending_bytes == 0  # type: ignore[attr-defined]

@@ -1041,4 +1041,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module's main, not this copy's (`python -m wsroom.loadtest`): a
+    # scenario imports wsroom.loadtest, whose Options and SetupError must be the ones
+    # the run checks against.
+    from wsroom.loadtest import main as _main
+
+    sys.exit(_main())

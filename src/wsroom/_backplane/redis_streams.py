@@ -208,9 +208,13 @@ class Streams:
                  st.name, len(items))
         self.stats["caught_up"] += 1
         for offset, _, exclude, key, payload in items:
-            # Consecutive from the position (checked above): each is the next one.
+            # Consecutive from the position (the range is checked above): the cursor
+            # takes each as the next one.
+            step = st.advance(epoch, offset)
+            if step is not Step.NEW:
+                self._declare_lost(st, epoch, top, f"history entry {offset} is {step.value}")
+                return
             self._emit(st, epoch, offset, exclude, key, payload)
-            st.move(epoch, offset)
 
     def _emit(self, st: OpenStream, epoch: str, offset: int, exclude: str, key: str,
               payload: str) -> None:

@@ -1,7 +1,7 @@
 """Rooms and membership (sans-I/O).
 
 A room is a named set of members (sessions) and its settings; its messages are
-numbered by the backplane (see `_backplane.py`). Membership
+numbered by the backplane (see `_backplane/base.py`). Membership
 changes and fan-out never interleave: joins and leaves are synchronous, and each room
 hands out an immutable tuple of its members that is rebuilt only when membership
 changes. A broadcast iterates that tuple, so nothing it calls can change what it

@@ -382,7 +382,7 @@ class Hub:
         sessions = membership.sessions.of_member(member)
         ended: Ended = []
         for session in sessions:  # here first: even with the backplane down
-            membership.end_now(session, code, reason, ended)
+            membership.kick(session, code, reason, ended)
         for session, rooms in ended:
             await membership.close_streams(session, rooms)
         elsewhere = 0
@@ -620,7 +620,7 @@ class _StateEvents:
         self._membership.reannounce()
 
     def disconnect(self, session: str, code: int, reason: str) -> None:
-        self._membership.end_here(session, code, reason)
+        self._membership.kick_here(session, code, reason)
 
     def resynced(self) -> None:
         self._hub._background(self._membership.resync, "wsroom shared state resync")

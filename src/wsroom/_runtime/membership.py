@@ -14,14 +14,15 @@ backplane delivers numbered messages through `deliver`, which queues them for ev
 live member without awaiting: no membership change can interleave with a fan-out, and
 no client can make a broadcast wait.
 
-Ending a session has a synchronous part (`forget`: it leaves its rooms, presence
-says so) and an awaited one (`close_streams`: the streams nobody here needs any more
-are closed on the backplane). Several sessions ended together are all forgotten before
-any await, so that nobody sees the registries half-updated.
+Ending a session has a synchronous part (`end`: it leaves its rooms, presence says
+so) and an awaited one (`close_streams`: the streams nobody here needs any more are
+closed on the backplane). Several sessions ended together are all ended before any
+await, so that nobody sees the registries half-updated.
 
 Three words, one meaning each: a session is *detached* when its connection drops
 (it waits for a resume), *ended* when it is over (it leaves its rooms), and *dropped*
-here when another worker holds it now (it is forgotten without a word to the others).
+here when another worker holds it now or ended it (it is removed here without a word
+to the others). A *kick* (`Hub.disconnect`) ends a session and closes its connection.
 """
 
 from __future__ import annotations
@@ -231,19 +232,21 @@ class Membership:
             return
         # Welcomed already: buffer the room's deliveries until its position is known,
         # then announce the stream (a `stream` frame) and deliver what follows it.
-        peer.begin_stream(room)
+        opening = peer.begin_stream(room)
         try:
             # A room that did not exist starts a stream (a new epoch in memory).
             epoch, offset = await self._backplane.open(room, config.history)
             if created and config.presence:
                 await self.roster.load(room)
         except BaseException:
-            peer.end_stream(room)
+            peer.end_stream(opening)
             raise
         if session.connection is not peer or room not in self.rooms.rooms_of(session):
-            peer.end_stream(room)
+            peer.end_stream(opening)
             return  # replaced, or left again meanwhile
-        peer.start_stream(room, epoch, offset, config.policy is not Policy.DISCONNECT)
+        if not peer.start_stream(opening, epoch, offset,
+                                 config.policy is not Policy.DISCONNECT):
+            return  # superseded by a later join of the room (or closing)
         frame = self.roster.attach(room, session, peer)
         if frame is not None:
             peer.push(frame)
@@ -260,7 +263,7 @@ class Membership:
         if not self.rooms.leave(room, session):
             return False
         if room not in self.rooms:
-            self.roster.drop(room)
+            self.roster.discard(room)
         else:
             self.roster.remove(room, session)
         self.roster.announce(room, "remove", session)
@@ -327,7 +330,7 @@ class Membership:
                 self._expiry_wakeup.set()
             await self._enforce_detached_cap()
         else:
-            await self.close_streams(session, self.forget(session, "closed"))
+            await self.close_streams(session, self.end(session, "closed"))
 
     async def _enforce_detached_cap(self) -> None:
         """End the sessions detached longest ago while more than
@@ -339,27 +342,27 @@ class Membership:
             assert oldest is not None
             log.warning("session=%s member=%s: ended before its resume window, "
                         "max_detached_sessions=%d reached", oldest.id, oldest.member, cap)
-            ended.append((oldest, self.forget(oldest, "evicted")))
+            ended.append((oldest, self.end(oldest, "evicted")))
         for session, rooms in ended:
             await self.close_streams(session, rooms)
         await anyio.lowlevel.checkpoint()
 
-    def end_now(self, session: HubSession, code: int, reason: str, ended: Ended) -> None:
+    def kick(self, session: HubSession, code: int, reason: str, ended: Ended) -> None:
         """End `session` (a kick): close its connection with `code`, forget it."""
         if session.connection is not None:
             session.connection.request_close(CloseReason.APP, code, reason)
-        ended.append((session, self.forget(session, "disconnected")))
+        ended.append((session, self.end(session, "disconnected")))
 
-    def end_here(self, session_id: str, code: int, reason: str) -> None:
+    def kick_here(self, session_id: str, code: int, reason: str) -> None:
         """Another worker's `disconnect` names a session held here."""
         session = self.sessions.get(session_id)
         if session is None:
             return
         ended: Ended = []
-        self.end_now(session, code, reason, ended)
+        self.kick(session, code, reason, ended)
         self._in_background(ended)
 
-    def forget(self, session: HubSession, why: str) -> list[str]:
+    def end(self, session: HubSession, why: str) -> list[str]:
         """The synchronous part of ending a session; return the rooms it left."""
         if self.sessions.remove(session):
             self._telemetry.metrics.sessions_ended[why] += 1
@@ -369,7 +372,7 @@ class Membership:
             for room in rooms:
                 self.rooms.leave(room, session)
                 if room not in self.rooms:
-                    self.roster.drop(room)
+                    self.roster.discard(room)
             return rooms
         for room in rooms:
             self._leave(session, room)
@@ -394,7 +397,7 @@ class Membership:
         for room in rooms:
             self.rooms.leave(room, session)
             if room not in self.rooms:
-                self.roster.drop(room)
+                self.roster.discard(room)
         self._in_background([(session, rooms)])
 
     def _in_background(self, ended: Ended) -> None:
@@ -417,7 +420,7 @@ class Membership:
 
     async def end_all(self, why: str) -> None:
         """End every session here (the hub stops)."""
-        ended = [(session, self.forget(session, why)) for session in self.sessions.all()]
+        ended = [(session, self.end(session, why)) for session in self.sessions.all()]
         for session, rooms in ended:
             await self.close_streams(session, rooms)
 
@@ -429,7 +432,7 @@ class Membership:
             deadline = sessions.next_expiry()
             with anyio.CancelScope(deadline=math.inf if deadline is None else deadline):
                 await wakeup.wait()
-            ended = [(session, self.forget(session, "expired"))
+            ended = [(session, self.end(session, "expired"))
                      for session in sessions.expire(anyio.current_time())]
             for session, rooms in ended:
                 log.info("session=%s member=%s: resume window expired", session.id,

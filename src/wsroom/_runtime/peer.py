@@ -61,7 +61,7 @@ from wsroom._core.rate import RateLimiter
 from wsroom._core.sessions import INBOX, inbox_key
 from wsroom._core.state import CloseReason, ConnectionStateMachine, ConnState, disposition
 from wsroom._runtime.connection import Connection
-from wsroom._runtime.ports import HubSession
+from wsroom._runtime.ports import HubSession, Opening
 from wsroom._runtime.runtime import Runtime
 from wsroom._runtime.sender import Sender
 
@@ -159,7 +159,7 @@ class Peer:
         self.pending: list[Delivery] | None = None
         self.pending_bytes = 0
         self.cursor = StreamCursor()
-        self.starting: dict[str, list[Delivery]] = {}
+        self.starting: dict[str, Opening] = {}  # rooms joined after the welcome
         self.final_rooms: frozenset[str] | None = None
         self.accepted = False
         self.client_address = runtime.registry.client_address(transport.request)
@@ -270,8 +270,11 @@ class Peer:
         if self.sm.closing:
             return
         pending = self.pending
-        if pending is None:
-            pending = self.starting.get(envelope.stream) if self.starting else None
+        if pending is None and self.starting:
+            opening = self.starting.get(envelope.stream)
+            if opening is not None:
+                opening.size += envelope.size
+                pending = opening.items
         if pending is not None:
             pending.append(Delivery(envelope, policy, skip))
             self.pending_bytes += envelope.size
@@ -309,25 +312,36 @@ class Peer:
     def push(self, frame: str, size: int | None = None) -> bool:
         return self.sender.push(frame, size)
 
-    def begin_stream(self, stream: str) -> None:
-        self.starting[stream] = []
+    def begin_stream(self, stream: str) -> Opening:
+        superseded = self.starting.get(stream)
+        if superseded is not None:  # joined, left and joined again meanwhile
+            self.pending_bytes -= superseded.size
+        opening = self.starting[stream] = Opening(stream)
+        return opening
 
-    def end_stream(self, stream: str) -> None:
-        buffered = self.starting.pop(stream, [])
-        self.pending_bytes -= sum(item.envelope.size for item in buffered)
+    def end_stream(self, opening: Opening) -> None:
+        if self.starting.get(opening.stream) is opening:
+            del self.starting[opening.stream]
+            self.pending_bytes -= opening.size
 
-    def start_stream(self, stream: str, epoch: str, offset: int, lossy: bool) -> None:
+    def start_stream(self, opening: Opening, epoch: str, offset: int, lossy: bool
+                     ) -> bool:
         """A room joined after the welcome: announce its position, then deliver what
-        was buffered while it was being opened (duplicates dropped, holes refused)."""
-        buffered = self.starting.pop(stream, [])
-        self.pending_bytes -= sum(item.envelope.size for item in buffered)
+        was buffered while it was being opened (duplicates dropped, holes refused).
+        A superseded opening does nothing: its position may be older than the newer
+        join's, and the client's cursor must never move back."""
+        stream = opening.stream
+        if self.starting.get(stream) is not opening:
+            return False
+        self.end_stream(opening)
         if self.sm.closing:
-            return
+            return False
         self.cursor.set(stream, epoch, offset)
         self.push(stream_frame(stream, epoch, offset, lossy=lossy))
-        for item in buffered:
+        for item in opening.items:
             if item.epoch == epoch:  # others: from before a re-opening of the room
                 self.deliver(item.envelope, item.policy, item.skip)
+        return True
 
     def forget_stream(self, stream: str) -> bool:
         return self.cursor.forget(stream)
@@ -347,7 +361,7 @@ class Peer:
         sender.close_deadline = anyio.current_time() + self.runtime.config.close_timeout
         log.log(disposition(reason).log_level, "%s: closing, reason=%s code=%s",
                 self.tag(), reason, self.sm.close_code)
-        sender.closing()
+        sender.close_requested()
 
     def finish(self, reason: CloseReason) -> None:
         """End now: nothing more can be sent (the peer is gone or the socket failed)."""

@@ -8,6 +8,7 @@ parts through the `Runtime` it was given (``runtime.py``).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from wsroom._core.identity import Identity
@@ -19,7 +20,17 @@ if TYPE_CHECKING:
     from wsroom._backplane.base import Envelope
     from wsroom._runtime.connection import Connection
 
-__all__ = ["HubSession", "PeerPort"]
+__all__ = ["HubSession", "Opening", "PeerPort"]
+
+
+@dataclass(eq=False, slots=True)
+class Opening:
+    """A room being joined after the welcome: the deliveries buffered until its
+    position is known."""
+
+    stream: str
+    items: list[Any] = field(default_factory=list)
+    size: int = 0
 
 
 class PeerPort(Protocol):
@@ -65,14 +76,18 @@ class PeerPort(Protocol):
     def abort(self) -> None:
         """Cancel the connection's tasks (after the shutdown deadline)."""
 
-    def begin_stream(self, stream: str) -> None:
-        """A room is being joined after the welcome: buffer its deliveries."""
+    def begin_stream(self, stream: str) -> Opening:
+        """A room is being joined after the welcome: buffer its deliveries until
+        `start_stream` (a later join of the same room supersedes this one)."""
 
-    def start_stream(self, stream: str, epoch: str, offset: int, lossy: bool) -> None:
-        """The joined room's position is known: announce it, deliver the buffer."""
+    def start_stream(self, opening: Opening, epoch: str, offset: int, lossy: bool
+                     ) -> bool:
+        """The joined room's position is known: announce it, deliver the buffer.
+        False (nothing done) if the opening was superseded or the connection closes."""
 
-    def end_stream(self, stream: str) -> None:
-        """The room's opening failed: drop its buffer."""
+    def end_stream(self, opening: Opening) -> None:
+        """The opening is abandoned (it failed, or the room was left meanwhile): drop
+        its buffer."""
 
     def forget_stream(self, stream: str) -> bool:
         """The room was left: forget its position (False if it had none)."""

@@ -72,7 +72,7 @@ class Roster:
         """A room with presence was created here."""
         self._presence[room] = RoomPresence()
 
-    def drop(self, room: str) -> None:
+    def discard(self, room: str) -> None:
         """The room is gone here."""
         self._presence.pop(room, None)
 
@@ -140,25 +140,36 @@ class Roster:
     async def load(self, room: str) -> None:
         """A room opened here (shared backplane): build its roster mirror from the
         backplane, then apply what other workers announced meanwhile."""
+        read = await self._read(room, tolerant=True)
+        if read is None:
+            return
+        remote, buffered = read
+        for op in (*remote, *buffered):
+            self.apply(op)
+
+    async def _read(self, room: str, *, tolerant: bool = False
+                    ) -> tuple[list[PresenceOp], list[PresenceOp]] | None:
+        """Read the backplane's roster of `room` while buffering the announcements
+        that arrive meanwhile: ``(other workers' entries, buffered)``, or None if it
+        is being read already (or nothing is shared). `tolerant`: a failed read counts
+        as an empty roster (it fills in as members change)."""
         shared = self._shared
         if shared is None or room in self._loading:
-            return
+            return None
         buffered: list[PresenceOp] = []
         self._loading[room] = buffered
         try:
             ops = await shared.roster(room)
         except Exception as exc:
+            if not tolerant:
+                raise
             log.warning("room=%s: roster not loaded (%s); it fills in as members "
                         "change", room, type(exc).__name__)
             ops = []
         finally:
             self._loading.pop(room, None)
-        me = shared.worker
-        for op in ops:
-            if op.worker != me:  # this worker's own sessions are known here first-hand
-                self.apply(op)
-        for op in buffered:
-            self.apply(op)
+        me = shared.worker  # this worker's own sessions are known here first-hand
+        return [op for op in ops if op.worker != me], buffered
 
     def remote(self, op: PresenceOp) -> None:
         """Another worker changed a roster."""
@@ -189,20 +200,12 @@ class Roster:
         """Bring the mirror of `room` in line with the backplane's roster (other
         workers' sessions only; this worker's own are known first-hand). Changes
         announced while the roster is read are applied after it, as on a first load."""
-        shared = self._shared
-        if shared is None or room in self._loading:
-            return
-        buffered: list[PresenceOp] = []
-        self._loading[room] = buffered
-        try:
-            ops = await shared.roster(room)
-        finally:
-            self._loading.pop(room, None)
+        read = await self._read(room)
         roster = self._presence.get(room)
-        if roster is None:
+        if read is None or roster is None:
             return
-        me = shared.worker
-        remote = [op for op in ops if op.worker != me and not self._live_here(op.session)]
+        remote = [op for op in read[0] if not self._live_here(op.session)]
+        buffered = read[1]
         known = {op.session for op in remote} | {op.session for op in buffered}
         for entry in roster.state():
             for session_id in roster.sessions_of(entry.member):

@@ -14,7 +14,7 @@ starts one and hands it any send that suspends. The writer task exists only whil
 has work (on trio, where there is no flusher, it runs for the connection's whole life).
 Several queued frames go out as one WebSocket frame.
 
-A close request (`Peer.request_close`) tells the sender `closing`: without flush the
+A close request (`Peer.request_close`) tells the sender (`close_requested`): without flush the
 queue is dropped and a send in progress abandoned; with flush the writer gets a
 deadline. The writer then sends the close frame and ends the connection.
 """
@@ -52,6 +52,8 @@ _FLUSH_FRAMES = 4  # frames the flusher writes for one connection before the wri
 class Owner(Protocol):
     """What the sender needs of its connection."""
 
+    @property
+    def id(self) -> str: ...
     @property
     def welcomed(self) -> bool: ...
     @property
@@ -176,7 +178,7 @@ class Sender:
         if tg is not None and self._sm.state is not ConnState.CLOSED:
             self.writing = True
             try:
-                tg.start_soon(self._writer, name="wsroom writer")
+                tg.start_soon(self._writer, name=f"wsroom writer {self._owner.id}")
             except RuntimeError:  # the task group is ending (trio closes it to new tasks)
                 self.writing = False
 
@@ -185,7 +187,7 @@ class Sender:
         self.dirty = False
         self.wake_writer()
 
-    def closing(self) -> None:
+    def close_requested(self) -> None:
         """A close was requested (`sm` says whether what is queued is flushed)."""
         scope = self._send_scope
         if not self._sm.flush:
@@ -251,7 +253,7 @@ class Sender:
                     self._send_scope = scope
                     if self._sm.closing:
                         # Started after the close was requested: honour it as
-                        # `closing` would have (a deadline, or stop sending now: even
+                        # `close_requested` would have (a deadline, or stop sending now: even
                         # a send the flusher handed over is abandoned).
                         if self._sm.flush:
                             scope.deadline = self.close_deadline

@@ -425,6 +425,7 @@ class Client:
         self._connection_number += 1
         self._ws = ws
         welcomed_at: float | None = None
+        ended_at: float | None = None
         try:
             try:
                 hello: dict[str, Any] = {"type": "hello", "v": 1}
@@ -441,12 +442,15 @@ class Client:
                 code, reason = 1006, "dropped"
             except ConnectionClosed as closed:
                 code, reason = closed.code, closed.reason
+            ended_at = anyio.current_time()  # before the callback and the drop
             self._ended()
             self._disconnected(code, reason)  # before the socket is let go
         finally:
             self._ended()
             await self._drop()
-        lasted = 0.0 if welcomed_at is None else anyio.current_time() - welcomed_at
+        if ended_at is None:
+            ended_at = anyio.current_time()
+        lasted = 0.0 if welcomed_at is None else ended_at - welcomed_at
         return code, reason, lasted
 
     def _ended(self) -> None:
