@@ -18,9 +18,9 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    """The fault-injection suite's table of measured bounds (tests/test_faults.py), if
+    """The fault-injection suite's table of measured bounds (tests/faults/test_faults.py), if
     it recorded any rows."""
-    from netns import REPORT
+    from support.netns import REPORT
 
     REPORT.write(terminalreporter)
 
@@ -29,7 +29,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 def prefix() -> Iterator[str]:
     """A Redis key prefix of this test's own, its keys deleted afterwards (the test is
     skipped without Redis, and fails on CI)."""
-    from test_backplane_conformance import delete_prefix, redis_or_skip
+    from support.redis import delete_prefix, redis_or_skip
 
     redis_or_skip()
     name = f"wsroom-test-{secrets.token_hex(6)}"

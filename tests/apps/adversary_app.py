@@ -1,4 +1,4 @@
-"""A wsroom app for the adversarial tests (tests/test_adversarial.py), run by the uvicorn
+"""A wsroom app for the adversarial tests (tests/e2e/test_adversarial.py), run by the uvicorn
 CLI in its own process (support.spawn).
 
 Configured through WSROOM_TEST_CONFIG (JSON of HubConfig fields) and

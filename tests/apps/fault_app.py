@@ -1,4 +1,4 @@
-"""A wsroom app for the fault-injection suite (tests/test_faults.py), served by uvicorn
+"""A wsroom app for the fault-injection suite (tests/faults/test_faults.py), served by uvicorn
 inside a network namespace.
 
 Configured through the environment variable WSROOM_TEST_CONFIG (JSON of HubConfig

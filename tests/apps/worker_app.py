@@ -1,5 +1,5 @@
 """A wsroom worker on a `RedisBackplane`, for the multi-process tests
-(tests/test_workers_e2e.py). Run several of these (uvicorn, one process each) with the
+(tests/e2e/test_workers_e2e.py). Run several of these (uvicorn, one process each) with the
 same prefix and the same ``resume_secrets``: together they are one cluster.
 
 Environment: WSROOM_TEST_CONFIG (JSON of HubConfig fields; must include

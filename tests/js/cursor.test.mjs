@@ -1,5 +1,5 @@
 // static/wsroom.js against the stream cursor cases (tests/cases/cursor.json), the same
-// cases tests/test_cursor.py runs against wsroom._core.cursor.StreamCursor and the Python
+// cases tests/unit/test_cursor.py runs against wsroom._core.cursor.StreamCursor and the Python
 // client. Node's built-in runner: node --test tests/js/
 //
 // WsroomClient is driven through a fake WebSocket: each case's frames arrive as messages,

@@ -63,7 +63,7 @@ def frame_size(frame: str) -> int:
 
 
 @dataclass(slots=True)
-class _Item:
+class _Entry:
     frame: str
     size: int
     policy: Policy
@@ -95,7 +95,7 @@ class OutboundQueue:
         self.max_messages = max_messages
         # A list, not a deque: an empty deque keeps a 528-byte block, and most queues
         # are empty most of the time (batches leave from the front with one `del`).
-        self._items: list[_Item] = []
+        self._items: list[_Entry] = []
         self._bytes = 0
         self.control_queued = 0
         """Control frames waiting (the heartbeat queues a ping only when this is 0)."""
@@ -148,7 +148,7 @@ class OutboundQueue:
                 self._coalesce(size, key)
             if not self._fits(size):
                 return PushResult.OVERFLOW
-        self._items.append(_Item(frame, size, policy, key))
+        self._items.append(_Entry(frame, size, policy, key))
         self._bytes += size
         self.discarded_total += self.last_discarded
         return PushResult.DISCARDED if self.last_discarded else PushResult.QUEUED
@@ -194,7 +194,7 @@ class OutboundQueue:
         if not sorted_indices:
             return
         doomed = set(sorted_indices)
-        kept: list[_Item] = []
+        kept: list[_Entry] = []
         for index, item in enumerate(self._items):
             if index in doomed:
                 self._bytes -= item.size
@@ -216,7 +216,7 @@ class OutboundQueue:
             front: queue it ahead of all data, behind control frames already at the
                 front (a ``welcome`` stays first, a ``ping`` jumps the backlog).
         """
-        item = _Item(frame, frame_size(frame), Policy.DISCONNECT, None, control=True)
+        item = _Entry(frame, frame_size(frame), Policy.DISCONNECT, None, control=True)
         items = self._items
         if front:
             index = 0

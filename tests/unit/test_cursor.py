@@ -23,7 +23,7 @@ from support import serve
 from wsroom._core.cursor import Step, StreamCursor
 from wsroom.client import Client, Message
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CASES_FILE = ROOT / "tests" / "cases" / "cursor.json"
 DOC = json.loads(CASES_FILE.read_text())
 CASES: list[dict[str, Any]] = DOC["cases"]

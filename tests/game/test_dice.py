@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "fastapi_game"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples" / "fastapi_game"))
 try:
     import dice
 finally:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import wsroom
 
-API_PAGE = Path(__file__).parents[1] / "docs" / "reference" / "api.md"
+API_PAGE = Path(__file__).parents[2] / "docs" / "reference" / "api.md"
 
 
 def test_every_export_exists() -> None:

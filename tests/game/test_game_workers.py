@@ -11,11 +11,11 @@ from pathlib import Path
 import anyio
 import httpx
 import pytest
-
-from support import load_game, serve, wait_for
-from test_backplane_conformance import REDIS_URL, delete_prefix, redis_or_skip
 from test_game_api import Table
 from test_game_ws import event_is, msg_where, next_message, room, seats
+
+from support import load_game, serve, wait_for
+from support.redis import REDIS_URL, delete_prefix, redis_or_skip
 from wsroom import HubConfig
 
 pytestmark = pytest.mark.anyio

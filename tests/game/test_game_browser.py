@@ -26,7 +26,7 @@ import pytest
 from support import CHROMIUM, playwright_or_skip, serve
 from wsroom import HubConfig
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts" / "browser"
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]

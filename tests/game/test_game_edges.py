@@ -9,7 +9,6 @@ from typing import Any
 
 import anyio
 import pytest
-
 from test_browser_client import app_for, browser, lobby_hub
 from test_game_api import game_table
 from test_game_ws import seats

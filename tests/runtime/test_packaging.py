@@ -19,7 +19,7 @@ from types import ModuleType
 
 import pytest
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 
 
 def _load(name: str) -> ModuleType:
@@ -74,7 +74,7 @@ def test_a_complete_wheel_and_sdist_pass(tmp_path: Path,
     ({"wsroom/py.typed": None}, "wsroom/py.typed is missing"),
     ({"wsroom/static/wsroom.js": None}, "wsroom/static/wsroom.js is missing"),
     ({"wsroom-0.1.0.dev0.dist-info/licenses/LICENSE": None}, "LICENSE file is missing"),
-    ({"tests/test_hub.py": ""}, "tests/test_hub.py is outside the package"),
+    ({"tests/runtime/test_hub.py": ""}, "tests/runtime/test_hub.py is outside the package"),
     ({"benchmarks/run.py": ""}, "benchmarks/run.py is outside the package"),
     ({"wsroom/__pycache__/hub.cpython-311.pyc": ""}, "should not be shipped"),
     ({"wsroom-0.1.0.dev0.dist-info/METADATA": METADATA.replace("0.49.1", "0.40")},

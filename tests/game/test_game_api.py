@@ -62,7 +62,7 @@ class Table:
                       min_backoff=0.05, max_backoff=0.5)
 
     def player(self, seat: dict[str, Any] | None, **kwargs: Any) -> Any:
-        """A raw protocol client (tests/support.py `Player`), hello sent."""
+        """A raw protocol client (tests/support/ `Player`), hello sent."""
         auth = None if seat is None else {"credential": seat["credential"]}
         return Player.connect(self.url + "/ws", auth=auth, **kwargs)
 

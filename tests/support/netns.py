@@ -1,4 +1,4 @@
-"""Fault injection for tests/test_faults.py: a network namespace for the server, joined
+"""Fault injection for tests/faults/test_faults.py: a network namespace for the server, joined
 to the root namespace (where the test's clients live) by a veth pair, nftables rules for
 faults, and the table of measured bounds printed at the end of the run.
 
@@ -60,7 +60,7 @@ class FaultReport:
         header = ("case", "expected bound", "measured")
         widths = [min(limit, max(len(row[i]) for row in [header, *self.rows]))
                   for i, limit in enumerate((34, 40, 70))]
-        terminal.write_sep("=", "fault injection: bounds measured (tests/test_faults.py)")
+        terminal.write_sep("=", "fault injection: bounds measured (tests/faults/test_faults.py)")
         rule = "-+-".join("-" * width for width in widths)
         for row in [header, *self.rows]:
             cells = [textwrap.wrap(cell, width) for cell, width in zip(row, widths, strict=True)]
@@ -297,7 +297,7 @@ async def server(net: Lab, config: dict[str, Any]) -> AsyncIterator[Server]:
            "PYTHONWARNINGS": "default::ResourceWarning"}
     fd, log_name = tempfile.mkstemp(prefix="wsroom-faults-", suffix=".log")
     command = ["ip", "netns", "exec", net.ns, sys.executable, "-m", "uvicorn", "fault_app:app",
-               "--app-dir", str(Path(__file__).parent / "apps"), "--host", "0.0.0.0",
+               "--app-dir", str(Path(__file__).parents[1] / "apps"), "--host", "0.0.0.0",
                "--port", str(PORT), "--ws", "websockets-sansio", "--log-level", "info",
                "--timeout-graceful-shutdown", "5", "--ws-ping-interval", "0"]
     with os.fdopen(fd, "wb") as log_file:

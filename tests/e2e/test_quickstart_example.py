@@ -14,7 +14,7 @@ from wsroom import CloseCode
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
-EXAMPLE = Path(__file__).parents[1] / "examples" / "quickstart" / "app.py"
+EXAMPLE = Path(__file__).parents[2] / "examples" / "quickstart" / "app.py"
 
 
 def load_example() -> ModuleType:

@@ -1,5 +1,5 @@
 """Rooms and membership (``wsroom._core.rooms``); stream numbering lives in the backplane
-(``tests/test_backplane.py``)."""
+(``tests/runtime/test_backplane.py``)."""
 
 from __future__ import annotations
 

@@ -33,7 +33,7 @@ from wsroom._runtime.peer import Peer as ServerPeer
 from wsroom._runtime.serve import serve as serve_peer
 from wsroom.client._websocket import ConnectionClosed, WebSocket, connect
 
-GAME_DIR = Path(__file__).resolve().parents[1] / "examples" / "fastapi_game"
+GAME_DIR = Path(__file__).resolve().parents[2] / "examples" / "fastapi_game"
 
 
 def load_game() -> ModuleType:
@@ -165,7 +165,7 @@ async def spawn(app: str, config: dict[str, Any] | None = None,
            "PYTHONWARNINGS": "default::ResourceWarning", **(environ or {})}
     fd, log_name = tempfile.mkstemp(prefix="wsroom-server-", suffix=".log")
     command = [sys.executable, "-m", "uvicorn", app, "--app-dir",
-               str(Path(__file__).parent / "apps"), "--fd", str(sock.fileno()),
+               str(Path(__file__).parents[1] / "apps"), "--fd", str(sock.fileno()),
                "--ws", ws, "--log-level", log_level,
                "--timeout-graceful-shutdown", "15", *args]
     with os.fdopen(fd, "wb") as log_file:

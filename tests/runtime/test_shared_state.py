@@ -4,7 +4,7 @@ Two `Hub`s on `RedisBackplane`s with one key prefix are two workers: a client re
 on the other worker with exact replay, rosters show the members of both, a session
 that moves is dropped by the worker it left, and a worker that stops refreshing is
 declared dead (its members away, not gone). The multi-process proof with real uvicorn
-workers and SIGKILL is tests/test_workers_e2e.py.
+workers and SIGKILL is tests/e2e/test_workers_e2e.py.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import anyio
 import pytest
 
 from support import MemoryTransport, Peer, serve_transport, wait_for
-from test_backplane_conformance import REDIS_URL, delete_prefix, redis_or_skip
+from support.redis import REDIS_URL, delete_prefix, redis_or_skip
 from wsroom import Connection, Handshake, Hub, HubConfig, Identity
 
 pytestmark = pytest.mark.parametrize("anyio_backend", ["asyncio"])

@@ -13,10 +13,10 @@ from typing import Any
 
 import anyio
 import pytest
-
-from support import wait_for
 from test_game_api import Table, bearer, game_table
 from test_game_api import anyio_backend as anyio_backend  # asyncio only: aiosqlite
+
+from support import wait_for
 from wsroom import CloseCode
 from wsroom.client import Client, ClientClosed, Message, RequestError, Snapshot
 

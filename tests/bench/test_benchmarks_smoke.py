@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 BENCH_PYTHON = os.environ.get("WSROOM_BENCH_PYTHON", sys.executable)
 NEEDS = ("matplotlib", "socketio", "picows", "psutil", "uvicorn", "websockets", "starlette",
          "redis")

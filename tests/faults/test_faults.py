@@ -1,7 +1,7 @@
 """Fault injection against a real server on a real (virtual) network: uvicorn runs in a
 network namespace, the clients in the root namespace, joined by a veth pair; nftables
 blackholes a client (no FIN, no RST), drops packets at random, or the link goes down
-(tests/netns.py). Each case checks the bound the docs promise and records what it
+(tests/support/netns.py). Each case checks the bound the docs promise and records what it
 measured in a table printed at the end of the run (tests/conftest.py).
 
 These tests need root, ``ip`` (iproute2) and ``nft`` (nftables): without them they are
@@ -38,9 +38,8 @@ import pytest
 from anyio.abc import SocketAttribute, SocketStream
 from wsproto.utilities import LocalProtocolError
 
-import netns
-from netns import REPORT, Lab, Server, server
-from support import Player
+from support import Player, netns
+from support.netns import REPORT, Lab, Server, server
 from wsroom.client import Client, Message, Snapshot
 from wsroom.client._websocket import ConnectionClosed
 

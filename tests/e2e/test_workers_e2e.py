@@ -30,7 +30,7 @@ import pytest
 from anyio.abc import SocketAttribute, SocketStream, TaskGroup
 
 from support import ServerProcess, spawn
-from test_backplane_conformance import REDIS_URL
+from support.redis import REDIS_URL
 from wsroom.client import Client, Message
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]

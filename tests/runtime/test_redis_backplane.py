@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from support import Player, hub_app, serve
-from test_backplane_conformance import REDIS_URL, delete_prefix, redis_or_skip
+from support.redis import REDIS_URL, delete_prefix, redis_or_skip
 from wsroom import BackplaneUnavailable, Connection, Envelope, HistoryLimits, Hub, HubConfig
 from wsroom._core.protocol import msg_payload
 from wsroom.testing import Recorder
