@@ -138,6 +138,8 @@ class Hub:
             [recovery](../topics/recovery.md).
         backplane: where streams are numbered and kept; default: in memory (one
             process).
+        clock: the wall clock (seconds since the epoch) that resume tokens' expiry is
+            checked against; default `time.time` (tests pass their own).
 
     Example:
         ```python
