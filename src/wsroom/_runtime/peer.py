@@ -103,6 +103,7 @@ class Peer:
 
     __slots__ = (
         "accepted",
+        "admission_key",
         "budget",
         "client_address",
         "connection",
@@ -144,7 +145,7 @@ class Peer:
         self.sender = Sender(
             self, self.sm, transport,
             OutboundQueue(config.max_queue_bytes, config.max_queue_messages),
-            runtime.current_flusher, runtime.batch_bytes, runtime.telemetry)
+            runtime, runtime.batch_bytes, runtime.telemetry)
         self.budget = ErrorBudget(config.error_budget)
         self.rate = (None if config.rate_limit is None else
                      RateLimiter(config.rate_limit, config.rate_burst, config.rate_patience))
@@ -162,6 +163,7 @@ class Peer:
         self.starting: dict[str, Opening] = {}  # rooms joined after the welcome
         self.final_rooms: frozenset[str] | None = None
         self.accepted = False
+        self.admission_key: str | None = None  # the per-address slot held (Registry)
         self.client_address = runtime.registry.client_address(transport.request)
         self.hook_deadline = math.inf  # set when the hello arrives
         self.timer_at = math.inf  # see timers.py
@@ -284,7 +286,11 @@ class Peer:
             return
         step = self.cursor.advance(envelope.stream, envelope.epoch, envelope.offset)
         if step is Step.NEW:
-            self._live(envelope, policy, skip)
+            if skip:
+                # Tell the client its position moved on, or it would see a gap.
+                self.push(stream_frame(envelope.stream, envelope.epoch, envelope.offset))
+            else:
+                self.sender.enqueue(envelope, policy)
         elif step is Step.EPOCH:
             # The stream was renumbered (its backplane lost it): nothing after the
             # client's position can be vouched for.

@@ -45,6 +45,9 @@ class PeerPort(Protocol):
     def meta(self) -> dict[str, Any]: ...
     @property
     def client_address(self) -> str: ...
+
+    admission_key: str | None
+    """The per-address slot this connection holds (set and cleared by `Registry`)."""
     @property
     def welcomed(self) -> bool:
         """The welcome was queued: the connection is live on its streams."""

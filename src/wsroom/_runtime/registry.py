@@ -34,14 +34,13 @@ class Phase(Enum):
 class Registry:
     """Who is connected, and who may connect (see the module docstring)."""
 
-    __slots__ = ("_admission", "_config", "_empty", "_keys", "_peers", "_proxies",
+    __slots__ = ("_admission", "_config", "_empty", "_peers", "_proxies",
                  "_telemetry", "_warned_unknown", "origins", "phase")
 
     def __init__(self, config: HubConfig, telemetry: Telemetry) -> None:
         self._config = config
         self._telemetry = telemetry
         self._peers: dict[str, PeerPort] = {}
-        self._keys: dict[str, str] = {}  # connection id -> its per-address key
         self.origins = (None if config.allowed_origins is None
                         else OriginPolicy(config.allowed_origins))
         self._proxies = TrustedProxies(config.trusted_proxies or (), config.proxy_header)
@@ -103,7 +102,7 @@ class Registry:
         decision = self._admission.admit(key, anyio.current_time())
         if decision.refusal is not None:
             return CloseReason(decision.refusal.value), decision.retry_after
-        self._keys[peer.id] = key
+        peer.admission_key = key
         self._peers[peer.id] = peer
         self._telemetry.counters.connections_total += 1
         return None
@@ -111,7 +110,7 @@ class Registry:
     def forget(self, peer: PeerPort, reason: CloseReason) -> None:
         """Forget `peer` (called once per connection, refused ones too)."""
         if self._peers.pop(peer.id, None) is not None:
-            key = self._keys.pop(peer.id, None)
+            key, peer.admission_key = peer.admission_key, None
             if key is not None:
                 self._admission.release(key)
         self._telemetry.counters.closes[str(reason)] += 1

@@ -73,9 +73,6 @@ class Runtime:
         self._authenticate = authenticate
         self.batch_bytes = config.max_batch_bytes if config.batch_frames else 0
 
-    def current_flusher(self) -> Flusher | None:
-        return self.flusher
-
     async def authenticate(self, handshake: Handshake, *, anonymous_id: str
                            ) -> Identity | None:
         if self._authenticate is None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 import math
 from collections import deque
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 import anyio
@@ -67,6 +66,12 @@ class Owner(Protocol):
     def finish(self, reason: CloseReason) -> None: ...
 
 
+class Host(Protocol):
+    """Where the hub's flusher is found (None: stopped, or trio)."""
+
+    flusher: Flusher | None
+
+
 class Sender:
     """Everything that writes to one client (see the module docstring).
 
@@ -75,25 +80,25 @@ class Sender:
         sm: the connection's state machine (shared with it).
         transport: the socket.
         queue: the bounded queue.
-        flusher: returns the hub's flusher, or None (stopped, or trio).
+        host: holds the hub's flusher, or None (stopped, or trio).
         batch_bytes: the most bytes joined into one frame (0: one message a frame).
         telemetry: where sends are counted.
     """
 
     __slots__ = (
-        "_batch_bytes", "_flusher", "_inflight", "_owner", "_send_error", "_send_scope",
+        "_batch_bytes", "_host", "_inflight", "_owner", "_send_error", "_send_scope",
         "_sm", "_telemetry", "_transport", "_wakeup", "close_deadline", "close_sent",
         "close_text", "dirty", "queue", "replay", "writing",
     )
 
     def __init__(self, owner: Owner, sm: ConnectionStateMachine, transport: Transport,
-                 queue: OutboundQueue, flusher: Callable[[], Flusher | None],
+                 queue: OutboundQueue, host: Host,
                  batch_bytes: int, telemetry: Telemetry) -> None:
         self._owner = owner
         self._sm = sm
         self._transport = transport
         self.queue = queue
-        self._flusher = flusher
+        self._host = host
         self._batch_bytes = batch_bytes
         self._telemetry = telemetry
         self.replay: deque[str] = _NO_REPLAY  # a deque of its own after the welcome
@@ -156,7 +161,7 @@ class Sender:
             if wakeup is not None:  # parked (a hub without a flusher)
                 wakeup.set()
             return  # else it is running: it takes what is queued
-        flusher = self._flusher()
+        flusher = self._host.flusher
         if flusher is None:  # the hub stopped its flusher (or never had one: trio)
             self.wake_writer()
             return
@@ -319,13 +324,13 @@ class Sender:
                 self._count_sent(frames, text, depth)
             elif sm.closing:
                 return False
-            elif self._flusher() is not None:
+            elif self._host.flusher is not None:
                 return None
             else:
                 self._wakeup = anyio.Event()
                 await self._wakeup.wait()
                 self._wakeup = None
-                if batch_bytes and self._flusher() is None:
+                if batch_bytes and self._host.flusher is None:
                     # Let whoever woke us (a publisher in a loop, the other members'
                     # writers) run once more before taking the batch: under load the
                     # next messages join this one frame (one send instead of several);
