@@ -103,6 +103,9 @@ class StreamCursor:
         position = self._positions.get(stream)
         if position is not None:
             known_epoch, last = position
+            if offset == last + 1 and epoch == known_epoch:  # the common case, first
+                self._positions[stream] = (epoch, offset)
+                return Step.NEW
             if epoch != known_epoch:
                 return Step.EPOCH
             if offset <= last:

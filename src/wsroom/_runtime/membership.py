@@ -290,10 +290,16 @@ class Membership:
         policy = room.config.policy
         exclude = envelope.exclude
         started = time.perf_counter()
-        for session in room.members:
-            peer = session.connection
-            if peer is not None:
-                peer.deliver(envelope, policy, session.id == exclude)
+        if exclude is None:
+            for session in room.members:
+                peer = session.connection
+                if peer is not None:
+                    peer.deliver(envelope, policy, False)
+        else:
+            for session in room.members:
+                peer = session.connection
+                if peer is not None:
+                    peer.deliver(envelope, policy, session.id == exclude)
         self._telemetry.metrics.broadcast_duration.observe(time.perf_counter() - started)
 
     def lost(self, stream: str) -> None:
