@@ -18,11 +18,12 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    """The fault-injection suite's table of measured bounds (tests/faults/test_faults.py), if
-    it recorded any rows."""
-    from support.netns import REPORT
+    """The tables of measured bounds of the fault-injection suite (tests/faults/) and of
+    the abuse suite (tests/abuse/), where they recorded rows."""
+    from support.netns import ABUSE, REPORT
 
     REPORT.write(terminalreporter)
+    ABUSE.write(terminalreporter)
 
 
 @pytest.fixture

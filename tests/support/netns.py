@@ -49,6 +49,8 @@ class FaultReport:
     """Rows of (case, expected bound, measured), printed by tests/conftest.py's
     ``pytest_terminal_summary`` when there are any."""
 
+    title: str = "fault injection: bounds measured (tests/faults/test_faults.py)"
+    header: tuple[str, str, str] = ("case", "expected bound", "measured")
     rows: list[tuple[str, str, str]] = field(default_factory=list)
 
     def record(self, case: str, bound: str, measured: str) -> None:
@@ -57,10 +59,10 @@ class FaultReport:
     def write(self, terminal: Any) -> None:
         if not self.rows:
             return
-        header = ("case", "expected bound", "measured")
+        header = self.header
         widths = [min(limit, max(len(row[i]) for row in [header, *self.rows]))
                   for i, limit in enumerate((34, 40, 70))]
-        terminal.write_sep("=", "fault injection: bounds measured (tests/faults/test_faults.py)")
+        terminal.write_sep("=", self.title)
         rule = "-+-".join("-" * width for width in widths)
         for row in [header, *self.rows]:
             cells = [textwrap.wrap(cell, width) for cell, width in zip(row, widths, strict=True)]
@@ -72,6 +74,10 @@ class FaultReport:
 
 REPORT = FaultReport()
 """The session's collector (one per pytest process)."""
+
+ABUSE = FaultReport("abuse: bounds measured (tests/abuse/)",
+                    ("attack", "bound (from the configuration)", "measured"))
+"""The abuse suite's collector (tests/abuse/)."""
 
 
 # ---------------------------------------------------------------------- the network
