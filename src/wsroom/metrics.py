@@ -13,6 +13,12 @@ routes = [WebSocketRoute("/ws", hub.endpoint), Route("/metrics", metrics_app(hub
 or add a `HubCollector` to a ``prometheus_client`` registry of your own. The metric names
 are listed in [Logging and stats](../topics/logging.md#prometheus-metrics).
 
+No label value comes from a client, so clients cannot add series: every label takes its
+values from a fixed set, and the ``code`` of ``wsroom_disconnects_total`` (a client picks
+the code it closes with) keeps its number only for wsroom's codes and the standard ones
+(1000-1015); any other is counted as ``3xxx``, ``4xxx`` (the applications' range) or
+``other`` (`wsroom._core.metrics.close_code_label`).
+
 Importing this module works without ``prometheus_client``; `HubCollector` and `metrics_app`
 raise `ImportError` then.
 """
@@ -162,10 +168,11 @@ class HubCollector:
             (((reason,), count) for reason, count in metrics.refused.items()))
         yield labelled(
             CounterMetricFamily("wsroom_disconnects", "Connections ended, by close code "
-                                "(1006: none was sent) and close reason.",
+                                "(1006: none was sent) and close reason. A code that is "
+                                "neither wsroom's nor a standard one (1000-1015) is "
+                                "bucketed: 3xxx, 4xxx (the applications' codes), other.",
                                 labels=[*names, "code", "reason"]),
-            (((str(code), reason), count)
-             for (code, reason), count in metrics.disconnects.items()))
+            (((code, reason), count) for (code, reason), count in metrics.disconnects.items()))
         yield counter("wsroom_messages_received_total", "Frames received from clients.",
                       stats.messages_in)
         yield counter("wsroom_messages_sent_total", "Messages written to clients.",

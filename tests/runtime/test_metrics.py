@@ -21,9 +21,16 @@ from starlette.applications import Starlette
 from starlette.routing import Mount, Route, WebSocketRoute
 
 import wsroom.metrics
-from support import Player, running, serve, wait_for
+from support import MemoryTransport, Player, running, serve, serve_transport, wait_for
 from wsroom import Connection, Hub, MessageContext
-from wsroom._core.metrics import Histogram, Metrics
+from wsroom._core.codes import CloseCode
+from wsroom._core.metrics import (
+    CLOSE_CODE_LABELS,
+    CloseCodeCounter,
+    Histogram,
+    Metrics,
+    close_code_label,
+)
 from wsroom.metrics import HubCollector, metrics_app
 
 Labels = frozenset[tuple[str, str]]
@@ -268,6 +275,61 @@ async def test_a_running_hub_with_a_connection() -> None:
             metrics.queue_depth.count
         assert result.value("wsroom_broadcast_duration_seconds_count") == \
             metrics.broadcast_duration.count
+
+
+@pytest.mark.anyio
+async def test_client_chosen_close_codes_are_bucketed() -> None:
+    """40 connections closing with made-up codes before the hello add at most one series
+    per bucket, and `Hub.stats()` does not grow with them either."""
+    hub = Hub()
+    registry = single(HubCollector(hub))
+    codes = [1000, 1001, 1015, 3012, 3999, 4000, 4321, 4999, 2999, 5000, 65535, 0,
+             *range(3100, 3114), *range(4100, 4114)]
+    assert len(codes) == 40
+    async with hub.run():
+        for code in codes:
+            transport = MemoryTransport()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(serve_transport, hub, transport)
+                await wait_for(lambda: bool(hub.connections()))
+                await transport.client_disconnect(code)
+            transport.close_streams()
+    result = scrape(registry)
+    series = result.labelled("wsroom_disconnects_total")
+    found = {dict(key)["code"] for key in series}
+    assert found <= CLOSE_CODE_LABELS
+    assert found == {"1000", "1001", "1015", "3012", "3xxx", "4xxx", "other"}
+    assert sum(series.values()) == 40
+    assert series[labels(code="4xxx", reason="client_closed")] == 17
+    assert set(hub.stats().closes) == {"client_closed"}
+
+
+@pytest.mark.parametrize(("code", "label"), [
+    (1000, "1000"), (1004, "1004"), (1005, "1005"), (1006, "1006"), (1015, "1015"),
+    (1016, "other"), (999, "other"), (2999, "other"), (3000, "3xxx"), (3008, "3008"),
+    (3511, "3511"), (3512, "3xxx"), (3999, "3xxx"), (4000, "4xxx"), (4999, "4xxx"),
+    (5000, "other"), (-1, "other"), (1 << 20, "other"),
+    ("4xxx", "4xxx"), ("1000", "1000"), ("<script>", "other"),
+])
+def test_close_code_labels(code: int | str, label: str) -> None:
+    assert close_code_label(code) == label
+    assert label in CLOSE_CODE_LABELS
+
+
+def test_every_wsroom_code_keeps_its_number() -> None:
+    for code in CloseCode:
+        assert close_code_label(int(code)) == str(int(code))
+    assert len(CLOSE_CODE_LABELS) == len({*range(1000, 1016), *map(int, CloseCode)}) + 3
+
+
+@given(st.integers(-(1 << 31), 1 << 31), st.sampled_from(["client_closed", "app"]))
+def test_the_counter_buckets_whatever_the_code(code: int, reason: str) -> None:
+    counter = CloseCodeCounter()
+    counter[(code, reason)] += 1
+    counter[(code, reason)] += 1
+    ((label, seen), count), = counter.items()
+    assert (label, seen, count) == (close_code_label(code), reason, 2)
+    assert counter[(label, reason)] == 2 == counter[(code, reason)]
 
 
 # ------------------------------------------------------------------ constant labels
