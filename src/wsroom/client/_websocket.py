@@ -22,6 +22,7 @@ from anyio.abc import SocketAttribute, SocketStream
 
 try:
     from wsproto import ConnectionType, WSConnection
+    from wsproto.connection import ConnectionState
     from wsproto.events import (
         AcceptConnection,
         BytesMessage,
@@ -134,7 +135,7 @@ class WebSocket:
                             return "".join(part for part in parts if isinstance(part, str))
                         return b"".join(part for part in parts if isinstance(part, bytes))
                 elif isinstance(event, Ping):
-                    await self._write(self._ws.send(event.response()))
+                    await self._answer(event)
                 elif isinstance(event, CloseConnection):
                     self._closed = _Closed(event.code, event.reason or "")
                     with contextlib.suppress(anyio.BrokenResourceError,
@@ -145,6 +146,20 @@ class WebSocket:
             if self._closed is not None:
                 raise ConnectionClosed(self._closed.code, self._closed.reason)
             await self._read_events()
+
+    async def _answer(self, ping: Ping) -> None:
+        """Answer a ping, if the connection is still open both ways.
+
+        Once either side has sent its close frame (this side's `close` or `send_close`,
+        or the peer's close read in the same batch), wsproto refuses to send a pong,
+        and none is owed: the close handshake ends the connection. A write that fails
+        means the connection is lost, which the next read reports.
+        """
+        if self._ws.state is not ConnectionState.OPEN:
+            return
+        with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError,
+                                 OSError, LocalProtocolError):
+            await self._write(self._ws.send(ping.response()))
 
     async def send(self, message: str | bytes) -> None:
         """Send a text (str) or binary (bytes) message."""
@@ -158,7 +173,7 @@ class WebSocket:
         except LocalProtocolError as exc:
             # The peer's close frame was read (not yet returned by `recv`, which will
             # report its code): nothing can be sent any more.
-            raise ConnectionClosed(1006, "the peer is closing") from exc
+            raise ConnectionClosed(1006, "the connection is closing") from exc
         try:
             await self._write(data)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
@@ -167,10 +182,25 @@ class WebSocket:
             raise ConnectionClosed(1006, "connection lost") from exc
 
     async def send_fragments(self, fragments: Sequence[str]) -> None:
-        """Send one text message split into several WebSocket frames."""
+        """Send one text message split into several WebSocket frames.
+
+        Raises:
+            ConnectionClosed: as `send`.
+        """
+        if self._closed is not None:
+            raise ConnectionClosed(self._closed.code, self._closed.reason)
         for index, fragment in enumerate(fragments):
             last = index == len(fragments) - 1
-            await self._write(self._ws.send(TextMessage(data=fragment, message_finished=last)))
+            try:
+                data = self._ws.send(TextMessage(data=fragment, message_finished=last))
+            except LocalProtocolError as exc:
+                raise ConnectionClosed(1006, "the connection is closing") from exc
+            try:
+                await self._write(data)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+                self._closed = _Closed(1006, "connection lost")
+                await self._stream.aclose()
+                raise ConnectionClosed(1006, "connection lost") from exc
 
     async def send_close(self, code: int = 1000, reason: str = "") -> None:
         """Send a close frame without reading; the task that reads sees the answer."""
