@@ -180,6 +180,11 @@ class Backplane(ABC):
     async def aclose(self) -> None:  # noqa: B027 - optional
         """The hub stopped: release connections."""
 
+    def limit_history(self, max_bytes: int | None) -> None:  # noqa: B027 - optional
+        """Called once by the hub with ``HubConfig.max_history_bytes``: the most that
+        the histories this backplane keeps in this process may hold together (None:
+        no cap). A backplane that keeps its histories elsewhere (Redis) ignores it."""
+
     @property
     def shared(self) -> bool:
         """True if other processes publish to and deliver from the same streams (a

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
 
 import anyio
+from anyio.abc import TaskGroup
 
 from wsroom._backplane.base import Backplane, Envelope
-from wsroom._core.history import HistoryLimits, Recovery, StreamHistory
+from wsroom._core.history import HistoryBudget, HistoryLimits, Recovery, StreamHistory
 from wsroom._core.protocol import msg_frame_from
 from wsroom._core.queue import frame_size
 
 __all__ = ["MemoryBackplane"]
+
+SWEEP_INTERVAL = 5.0
+"""Seconds between two passes applying ``max_age`` to idle streams: a message may be
+kept up to this much longer than its stream's ``max_age``."""
 
 
 class MemoryBackplane(Backplane):
@@ -20,23 +25,59 @@ class MemoryBackplane(Backplane):
 
     A stream that is closed is forgotten: if it is opened again it starts a new epoch,
     so no client can mistake the new offsets for the old ones.
+
+    The histories share one budget (`limit_history`: ``HubConfig.max_history_bytes``),
+    and while the hub runs a timer applies their ``max_age`` even to idle streams.
     """
 
     def __init__(self) -> None:
         self._streams: dict[str, StreamHistory] = {}
+        self._budget: HistoryBudget | None = None
 
     def __len__(self) -> int:
         return len(self._streams)
 
+    @property
+    def history_bytes(self) -> int:
+        """The summed sizes of every retained frame (counted with a budget only)."""
+        return 0 if self._budget is None else self._budget.used
+
+    def limit_history(self, max_bytes: int | None) -> None:
+        if self._streams:
+            raise RuntimeError("limit_history: call it before any stream is opened")
+        self._budget = None if max_bytes is None else HistoryBudget(max_bytes)
+
+    def counters(self) -> Mapping[str, int]:
+        if self._budget is None:
+            return {}
+        return {"history_shed_messages": self._budget.shed_messages}
+
+    async def start(self, task_group: TaskGroup) -> None:
+        task_group.start_soon(self._sweep, name="wsroom history max_age")
+        await anyio.lowlevel.checkpoint()
+
+    async def _sweep(self) -> None:
+        while True:
+            await anyio.sleep(SWEEP_INTERVAL)
+            now = anyio.current_time()
+            if self._budget is not None:
+                self._budget.sweep(now)
+            else:
+                for history in list(self._streams.values()):
+                    history.prune(now)
+
     async def open(self, stream: str, limits: HistoryLimits) -> tuple[str, int]:
         history = self._streams.get(stream)
         if history is None:
-            history = self._streams[stream] = StreamHistory(secrets.token_urlsafe(6), limits)
+            history = self._streams[stream] = StreamHistory(
+                secrets.token_urlsafe(6), limits, budget=self._budget)
         await anyio.lowlevel.checkpoint()
         return history.epoch, history.offset
 
     async def close(self, stream: str) -> None:
-        self._streams.pop(stream, None)
+        history = self._streams.pop(stream, None)
+        if history is not None:
+            history.discard()
         await anyio.lowlevel.checkpoint()
 
     async def publish(self, stream: str, wire_name: str, payload: str, *,

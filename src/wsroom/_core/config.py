@@ -85,6 +85,16 @@ class HubConfig:
         rate_burst: messages a client may send at once above `rate_limit`.
         rate_patience: consecutive ``rate_limited`` messages after which the
             connection is closed with 3013 (the client reconnects with backoff).
+        member_rate_limit: application messages per second one member may send on
+            average across all of its connections, or None. Beyond it (and its
+            burst) a message is refused like one over `rate_limit` (a
+            ``rate_limited`` error frame; the refusals count toward `rate_patience`).
+        member_rate_burst: messages a member may send at once above
+            `member_rate_limit`.
+        max_sessions_per_member: sessions (live and detached) one member may hold at
+            once, or None. A new session beyond it ends the member's own oldest one:
+            its oldest detached session, else its oldest live one, whose connection
+            is closed with 3503 (replaced; the client does not reconnect).
         inbox_size: application messages read ahead of the handlers per connection;
             beyond it the reader waits (TCP backpressure to the client).
         max_connections: global cap on connections of this hub (1013 beyond it), or
@@ -108,9 +118,19 @@ class HubConfig:
             is right for one process; workers sharing a backplane need the same ones.
         resume_token_ttl: seconds a resume token stays valid after its welcome.
         inbox_history: how much of each session's ``@inbox`` stream is kept for replay.
-        max_detached_sessions: sessions kept waiting for a resume at once, or None;
-            beyond it the session detached longest ago ends early (its client gets a
-            new session and snapshots when it comes back).
+        max_detached_sessions: sessions kept waiting for a resume at once, or None.
+            Beyond it a session ends early (its client gets a new session and
+            snapshots when it comes back): the one detached longest ago of whoever
+            holds the most detached sessions, a member or a client address, so that
+            nobody can push out the sessions of others.
+        max_detached_per_ip: sessions one client address (as for
+            `max_connections_per_ip`) may keep waiting for a resume at once, or None;
+            beyond it that address's session detached longest ago ends early.
+        max_history_bytes: the most that every stream history of this process
+            (rooms and inboxes) may hold together, in bytes, or None. Beyond it the
+            largest histories forget their oldest messages first; a client that
+            resumes behind them gets ``recovered: false`` and a snapshot. With the
+            Redis backplane histories live in Redis (size it with ``maxmemory``).
         default_room: settings of rooms that `room_config` does not match.
     """
 
@@ -133,6 +153,9 @@ class HubConfig:
     rate_limit: float | None = 50.0
     rate_burst: int = 100
     rate_patience: int = 20
+    member_rate_limit: float | None = 100.0
+    member_rate_burst: int = 200
+    max_sessions_per_member: int | None = 8
     inbox_size: int = 16
     max_connections: int | None = None
     close_timeout: float = 10.0
@@ -145,6 +168,8 @@ class HubConfig:
     inbox_history: HistoryLimits = field(
         default_factory=lambda: HistoryLimits(max_messages=1000, max_bytes=1024 * 1024))
     max_detached_sessions: int | None = 10_000
+    max_detached_per_ip: int | None = 1_000
+    max_history_bytes: int | None = 256 * 1024 * 1024
     default_room: RoomConfig = field(default_factory=RoomConfig)
 
     def __post_init__(self) -> None:

@@ -9,13 +9,14 @@ covered and the whole recovery fails (the client then takes a fresh snapshot).
 
 from __future__ import annotations
 
+import heapq
 from collections import deque
 from dataclasses import dataclass
 from itertools import islice
 
 from wsroom._core.queue import frame_size
 
-__all__ = ["HistoryLimits", "Recovery", "StreamHistory"]
+__all__ = ["HistoryBudget", "HistoryLimits", "Recovery", "StreamHistory"]
 
 
 _EMPTY: deque[tuple[int, float, str, int]] = deque(maxlen=0)  # shared, always empty
@@ -67,18 +68,33 @@ class StreamHistory:
             is retained).
     """
 
-    __slots__ = ("_bytes", "_items", "epoch", "limits", "offset")
+    __slots__ = ("_budget", "_bytes", "_items", "epoch", "limits", "offset")
 
-    def __init__(self, epoch: str, limits: HistoryLimits, offset: int = 0) -> None:
+    def __init__(self, epoch: str, limits: HistoryLimits, offset: int = 0,
+                 budget: HistoryBudget | None = None) -> None:
         self.epoch = epoch
         self.limits = limits
         self.offset = offset
         # A deque of its own from the first message: most personal streams stay empty.
         self._items: deque[tuple[int, float, str, int]] = _EMPTY
         self._bytes = 0
+        self._budget = budget
+        if budget is not None:
+            budget.add(self)
 
     def __len__(self) -> int:
         return len(self._items)
+
+    @property
+    def nbytes(self) -> int:
+        """The summed sizes of the retained frames."""
+        return self._bytes
+
+    def discard(self) -> None:
+        """The stream is closed: give its bytes back to the budget."""
+        if self._budget is not None:
+            self._budget.remove(self)
+            self._budget = None
 
     @property
     def first_offset(self) -> int:
@@ -99,19 +115,39 @@ class StreamHistory:
         self._items.append((offset, now, frame, size))
         self._bytes += size
         self.offset = offset
+        budget = self._budget
+        if budget is not None:
+            budget.used += size
         self.prune(now)
+        if budget is not None and budget.used > budget.max_bytes:
+            budget.shed()
 
     def prune(self, now: float) -> None:
         """Forget what is beyond the bounds at `now`."""
         limits = self.limits
         items = self._items
         horizon = now - limits.max_age
+        before = self._bytes
         while items and (
             len(items) > limits.max_messages
             or self._bytes > limits.max_bytes
             or items[0][1] < horizon
         ):
             self._bytes -= items.popleft()[3]
+        if self._budget is not None:
+            self._budget.used -= before - self._bytes
+
+    def shed(self, target: int) -> tuple[int, int]:
+        """Forget the oldest messages until at most `target` bytes are retained (the
+        budget is over); return how many messages and bytes went."""
+        items = self._items
+        before, count = self._bytes, len(items)
+        while items and self._bytes > target:
+            self._bytes -= items.popleft()[3]
+        freed = before - self._bytes
+        if self._budget is not None:
+            self._budget.used -= freed
+        return count - len(items), freed
 
     def since(self, epoch: str, offset: int, now: float) -> Recovery:
         """Everything after ``(epoch, offset)``, or not recovered.
@@ -130,3 +166,65 @@ class StreamHistory:
             return Recovery(False, (), self.epoch, self.offset)
         frames = tuple(item[2] for item in islice(self._items, offset + 1 - first, None))
         return Recovery(True, frames, self.epoch, self.offset)
+
+
+class HistoryBudget:
+    """A cap on the bytes that many histories retain together (one hub's streams).
+
+    When an append takes the total over `max_bytes`, the largest histories forget their
+    oldest messages until the total is 10% under the cap: the largest first, down to
+    the size of the next largest, and so on, so that one busy room (or one member's
+    flood of inboxes) pays before anybody else does. A client that resumes behind
+    what was forgotten gets ``recovered: false`` and a snapshot, never a silent gap.
+
+    Args:
+        max_bytes: the cap, in summed frame sizes.
+    """
+
+    __slots__ = ("_histories", "max_bytes", "shed_bytes", "shed_messages", "used")
+
+    def __init__(self, max_bytes: int) -> None:
+        if max_bytes <= 0:
+            raise ValueError(f"the history budget must be positive, got {max_bytes!r}")
+        self.max_bytes = max_bytes
+        self.used = 0
+        self.shed_messages = 0
+        """Messages forgotten because the budget was reached (not by their limits)."""
+        self.shed_bytes = 0
+        self._histories: dict[int, StreamHistory] = {}
+
+    def __len__(self) -> int:
+        return len(self._histories)
+
+    def add(self, history: StreamHistory) -> None:
+        self._histories[id(history)] = history
+        self.used += history.nbytes
+
+    def remove(self, history: StreamHistory) -> None:
+        if self._histories.pop(id(history), None) is not None:
+            self.used -= history.nbytes
+
+    def sweep(self, now: float) -> None:
+        """Apply every history's `max_age` at `now` (a timer calls it: an idle stream
+        appends nothing that would prune it)."""
+        for history in list(self._histories.values()):
+            history.prune(now)
+
+    def shed(self) -> None:
+        """Bring the total 10% under the cap, from the largest histories first."""
+        low = self.max_bytes - self.max_bytes // 10
+        heap = [(-history.nbytes, key, history)
+                for key, history in self._histories.items() if history.nbytes]
+        heapq.heapify(heap)
+        while self.used > low and heap:
+            _, key, history = heapq.heappop(heap)
+            # Down to the next largest (or as far as needed), then compare again.
+            floor = -heap[0][0] if heap else 0
+            target = max(floor, history.nbytes - (self.used - low))
+            if target >= history.nbytes:
+                target = history.nbytes - 1  # always forget at least one message
+            messages, freed = history.shed(target)
+            self.shed_messages += messages
+            self.shed_bytes += freed
+            if history.nbytes:
+                heapq.heappush(heap, (-history.nbytes, key, history))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from enum import Enum
 
-__all__ = ["RateLimiter", "Verdict"]
+__all__ = ["MemberRates", "RateLimiter", "Verdict"]
 
 
 class Verdict(Enum):
@@ -57,5 +57,60 @@ class RateLimiter:
             self._tokens -= 1
             self._refused = 0
             return Verdict.ALLOW
+        return self.refuse()
+
+    def refuse(self) -> Verdict:
+        """Account for a refusal decided elsewhere (the member's own budget): it counts
+        toward the patience like one of this bucket's."""
         self._refused += 1
         return Verdict.CLOSE if self._refused >= self.patience else Verdict.REFUSE
+
+
+class MemberRates:
+    """One token bucket per member, shared by all of its connections: a member that
+    opens twenty connections gets the same budget as one that opens one.
+
+    Buckets are created on a member's first message and forgotten once they are full
+    again (the member has been quiet for ``burst / rate`` seconds): the table holds only
+    members that sent something lately.
+
+    Args:
+        rate: messages per second per member, on average.
+        burst: messages a member may send at once above `rate`.
+    """
+
+    __slots__ = ("_buckets", "_high", "burst", "rate")
+
+    def __init__(self, rate: float, burst: int) -> None:
+        if not rate > 0 or burst < 1:
+            raise ValueError("rate and burst must be positive")
+        self.rate = rate
+        self.burst = burst
+        self._buckets: dict[str, list[float]] = {}  # member -> [tokens, last]
+        self._high = 1024  # size at which full buckets are swept out
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def allow(self, member: str, now: float) -> bool:
+        """Account for one message of `member` at `now` (a monotonic clock)."""
+        bucket = self._buckets.get(member)
+        if bucket is None:
+            if len(self._buckets) >= self._high:
+                self._sweep(now)
+            bucket = self._buckets[member] = [float(self.burst), now]
+        elif now > bucket[1]:
+            bucket[0] = min(self.burst, bucket[0] + (now - bucket[1]) * self.rate)
+            bucket[1] = now
+        if bucket[0] >= 1 - 1e-9:
+            bucket[0] -= 1
+            return True
+        return False
+
+    def _sweep(self, now: float) -> None:
+        """Forget the buckets that have filled up again (their members were quiet)."""
+        rate, burst = self.rate, self.burst
+        for member, (tokens, last) in list(self._buckets.items()):
+            if tokens + (now - last) * rate >= burst:
+                del self._buckets[member]
+        self._high = max(1024, 2 * len(self._buckets))

@@ -21,6 +21,8 @@ from __future__ import annotations
 import secrets
 from typing import Generic, TypeVar
 
+from wsroom._core.tally import Tally
+
 __all__ = ["INBOX", "Session", "SessionRegistry", "inbox_key", "inbox_owner"]
 
 INBOX = "@inbox"
@@ -54,8 +56,8 @@ class Session(Generic[IdentityT, ConnT]):
         generation: the generation of the newest resume token.
     """
 
-    __slots__ = ("_accepted", "connection", "detached_at", "generation", "id", "identity",
-                 "member", "welcomed")
+    __slots__ = ("_accepted", "address", "connection", "detached_at", "generation", "id",
+                 "identity", "member", "welcomed")
 
     def __init__(self, session_id: str, member: str, identity: IdentityT) -> None:
         self.id = session_id
@@ -63,6 +65,8 @@ class Session(Generic[IdentityT, ConnT]):
         self.identity = identity
         self.connection: ConnT | None = None
         self.detached_at: float | None = None
+        self.address: str | None = None
+        """The client address (its per-address key) it was detached from, if known."""
         self.generation = 0
         self.welcomed = False
         """True once a welcome was issued for it (before that there is nothing to
@@ -110,14 +114,27 @@ class Session(Generic[IdentityT, ConnT]):
         return generation in self._accepted
 
 
+Holder = tuple[str, str]
+"""Who holds a detached session, for the quotas: ``("member", id)`` or
+``("address", key)``."""
+
+
 class SessionRegistry(Generic[IdentityT, ConnT]):
-    """All sessions of a hub, with the detached ones in order of their expiry.
+    """All sessions of a hub, with the detached ones in order of their expiry, and who
+    holds them (each member, each client address) for the quotas.
+
+    The quotas answer three questions, each with a session to end (the caller ends it
+    and asks again): which of a member's sessions makes room for its new one
+    (`member_victim`), which of an address's detached sessions is over its quota
+    (`address_victim`), and which detached session goes when there are too many
+    (`cap_victim`: the oldest of the *largest holder*, so that one member or one
+    address cannot push anybody else's session out).
 
     Args:
         window: seconds a detached session is kept for a resume.
     """
 
-    __slots__ = ("_by_member", "_detached", "_sessions", "window")
+    __slots__ = ("_by_holder", "_by_member", "_detached", "_holders", "_sessions", "window")
 
     def __init__(self, window: float) -> None:
         if not window > 0:
@@ -128,6 +145,9 @@ class SessionRegistry(Generic[IdentityT, ConnT]):
         # Insertion order is detach order, and every session has the same window, so
         # the first entry is always the next to expire.
         self._detached: dict[str, Session[IdentityT, ConnT]] = {}
+        # The detached sessions of each holder, in detach order, and how many.
+        self._by_holder: dict[Holder, dict[str, Session[IdentityT, ConnT]]] = {}
+        self._holders: Tally[Holder] = Tally()
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -174,21 +194,85 @@ class SessionRegistry(Generic[IdentityT, ConnT]):
         previous = session.connection
         session.connection = connection
         session.detached_at = None
-        self._detached.pop(session.id, None)
+        self._undetach(session)
         return previous
 
-    def detach(self, session: Session[IdentityT, ConnT], now: float) -> None:
-        """The session's connection dropped; keep it for the window from `now`."""
+    def detach(self, session: Session[IdentityT, ConnT], now: float,
+               address: str | None = None) -> None:
+        """The session's connection dropped; keep it for the window from `now`.
+
+        Args:
+            address: the client's per-address key (None: unknown, no address quota).
+        """
         if session.id not in self._sessions:
             return  # ended already: nothing to keep
+        self._undetach(session)
         session.connection = None
         session.detached_at = now
-        self._detached.pop(session.id, None)
+        session.address = address
         self._detached[session.id] = session
+        for holder in self._holders_of(session):
+            self._by_holder.setdefault(holder, {})[session.id] = session
+            self._holders.add(holder)
+
+    def _holders_of(self, session: Session[IdentityT, ConnT]) -> list[Holder]:
+        holders = [("member", session.member)]
+        if session.address is not None:
+            holders.append(("address", session.address))
+        return holders
+
+    def _undetach(self, session: Session[IdentityT, ConnT]) -> None:
+        if self._detached.pop(session.id, None) is None:
+            return
+        for holder in self._holders_of(session):
+            mine = self._by_holder[holder]
+            del mine[session.id]
+            if not mine:
+                del self._by_holder[holder]
+            self._holders.discard(holder)
+
+    def detached_of(self, holder: Holder) -> int:
+        """How many detached sessions `holder` holds."""
+        return self._holders[holder]
+
+    def member_victim(self, member: str, limit: int | None
+                      ) -> Session[IdentityT, ConnT] | None:
+        """The session of `member` to end before it gets a new one, if it holds
+        `limit` already: its oldest detached session, else its oldest live one."""
+        if limit is None:
+            return None
+        mine = self._by_member.get(member)
+        if mine is None or len(mine) < limit:
+            return None
+        detached = self._by_holder.get(("member", member))
+        if detached:
+            return next(iter(detached.values()))
+        return next(iter(mine.values()))
+
+    def address_victim(self, address: str | None, quota: int | None
+                       ) -> Session[IdentityT, ConnT] | None:
+        """The oldest detached session of `address` if it holds more than `quota`."""
+        if address is None or quota is None:
+            return None
+        detached = self._by_holder.get(("address", address))
+        if detached is None or len(detached) <= quota:
+            return None
+        return next(iter(detached.values()))
+
+    def cap_victim(self, cap: int | None) -> Session[IdentityT, ConnT] | None:
+        """The detached session to end while more than `cap` are detached: the oldest
+        of whoever holds the most (a member or an address), or the oldest of all when
+        nobody holds more than one."""
+        if cap is None or len(self._detached) <= cap:
+            return None
+        largest = self._holders.largest()
+        if largest is not None and largest[1] > 1:
+            return next(iter(self._by_holder[largest[0]].values()))
+        return self.oldest_detached()
 
     def remove(self, session: Session[IdentityT, ConnT]) -> bool:
         """Forget `session` (it ended, or expired); False if it was not registered."""
-        self._detached.pop(session.id, None)
+        self._undetach(session)
         if self._sessions.pop(session.id, None) is None:
             return False
         mine = self._by_member[session.member]

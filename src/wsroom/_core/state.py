@@ -56,6 +56,7 @@ class CloseReason(str, Enum):
     AUTH_FAILED = "auth_failed"
     RESUME_REJECTED = "resume_rejected"
     REPLACED = "replaced"
+    SESSION_LIMIT = "session_limit"
     GAP = "gap"
     IDLE_TIMEOUT = "idle_timeout"
     SHUTDOWN = "shutdown"
@@ -109,6 +110,8 @@ _DISPOSITIONS: dict[CloseReason, Disposition] = {
     CloseReason.RESUME_REJECTED: Disposition(CloseCode.INVALID_TOKEN, True, _INFO),
     # A newer connection took the session over: this one is a ghost or an old tab.
     CloseReason.REPLACED: Disposition(CloseCode.REPLACED, False, _INFO, close_wait=1.0),
+    # The member's newest session took this one's place (max_sessions_per_member).
+    CloseReason.SESSION_LIMIT: Disposition(CloseCode.REPLACED, True, _INFO),
     # The client resumes and recovers what is missing from history.
     CloseReason.GAP: Disposition(CloseCode.INSUFFICIENT_STATE, False, _WARNING),
     CloseReason.IDLE_TIMEOUT: Disposition(CloseCode.IDLE_TIMEOUT, True, _INFO),

@@ -96,8 +96,9 @@ async def handshake(peer: Peer, hello: Hello) -> None:
     peer.identity = peer.connection.identity = identity
     # From the moment the session is attached, deliveries are buffered.
     peer.pending = []
-    ok, opened = await peer.guarded("opening the session",
-                                    membership.open_session(peer, identity, claims))
+    ok, opened = await peer.guarded(
+        "opening the session",
+        membership.open_session(peer, identity, claims, anonymous=runtime.anonymous))
     if not ok:
         return
     if opened is None:
@@ -106,6 +107,7 @@ async def handshake(peer: Peer, hello: Hello) -> None:
         return
     session, peer.resumed = opened
     peer.session = session
+    peer.identity = peer.connection.identity = session.identity
     if peer.sm.closing:
         return
     peer.sm.welcome()

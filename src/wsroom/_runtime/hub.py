@@ -184,6 +184,7 @@ class Hub:
             make_context=lambda conn, event, ref: MessageContext(self, conn, event, ref))
         self._registry = self._runtime.registry
         backplane.bind(membership.deliver, membership.lost)
+        backplane.limit_history(config.max_history_bytes)
         if shared is not None:
             shared.bind_state(_StateEvents(self, membership))
         self._tg: TaskGroup | None = None

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 import time
 from collections.abc import Callable
 from typing import Literal
@@ -37,6 +38,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from wsroom._backplane.base import Backplane, Envelope, SharedState, StaleSession
+from wsroom._core.admission import client_key
 from wsroom._core.config import HubConfig, RoomConfig
 from wsroom._core.identity import Identity
 from wsroom._core.protocol import left_frame
@@ -114,9 +116,13 @@ class Membership:
     # ------------------------------------------------------------- sessions
 
     async def open_session(self, peer: PeerPort, identity: Identity,
-                           claims: ResumeClaims | None
+                           claims: ResumeClaims | None, *, anonymous: bool = False
                            ) -> tuple[HubSession, bool] | None:
         """Attach `peer` to the session its token names, or to a new session.
+
+        An anonymous member (`anonymous`: the hub has no `authenticate` hook) whose
+        token names a session that no longer exists gets a new member id too; the
+        session's `identity` is the one to use from now on.
 
         Returns ``(session, resumed)``, or None if the token is stale (a newer one was
         issued and confirmed since): the caller closes with 3500. The session is the
@@ -144,10 +150,27 @@ class Membership:
             return session, True
         if claims is not None:
             counters.resumes["new_session"] += 1
+            if anonymous:
+                # Its session is gone: the token must not bring back its identity.
+                identity = Identity(id=secrets.token_urlsafe(12), info=identity.info)
+        self._make_room_for(identity.id)
         session = self.sessions.create(identity.id, identity, peer)
         peer.attach(session)
         await self._backplane.open(inbox_key(session.id), self._config.inbox_history)
         return session, False
+
+    def _make_room_for(self, member: str) -> None:
+        """End the member's own oldest session while it holds
+        ``max_sessions_per_member`` (before it gets a new one)."""
+        cap = self._config.max_sessions_per_member
+        ended: Ended = []
+        while (victim := self.sessions.member_victim(member, cap)) is not None:
+            log.info("session=%s member=%s: ended for the member's newer session "
+                     "(max_sessions_per_member=%s)", victim.id, member, cap)
+            if victim.connection is not None:
+                victim.connection.request_close(CloseReason.SESSION_LIMIT)
+            ended.append((victim, self.end(victim, "member_limit")))
+        self._in_background(ended)
 
     async def _adopt(self, peer: PeerPort, identity: Identity, claims: ResumeClaims
                      ) -> tuple[HubSession, bool] | Literal["absent", "here"] | None:
@@ -327,30 +350,39 @@ class Membership:
                 or self.sessions.get(session.id) is not session):
             return  # no session yet, a newer connection took it over, or it ended
         if resumable and session.welcomed:
-            self.sessions.detach(session, anyio.current_time())
+            address = client_key(peer.client_address)
+            self.sessions.detach(session, anyio.current_time(),
+                                 None if address == "unknown" else address)
             if self.outbox is not None:
                 self.outbox.session_detached(session)
             for room in sorted(self.rooms.rooms_of(session)):
                 self.roster.detach(room, session)
             if self._expiry_wakeup is not None:
                 self._expiry_wakeup.set()
-            await self._enforce_detached_cap()
+            await self._enforce_detached_cap(session)
         else:
             await self.close_streams(session, self.end(session, "closed"))
 
-    async def _enforce_detached_cap(self) -> None:
-        """End the sessions detached longest ago while more than
-        ``max_detached_sessions`` wait for a resume."""
-        cap = self._config.max_detached_sessions
-        ended = []
-        while cap is not None and self.sessions.detached > cap:
-            oldest = self.sessions.oldest_detached()
-            assert oldest is not None
+    async def _enforce_detached_cap(self, session: HubSession) -> None:
+        """End detached sessions early while `session`'s address holds more than
+        ``max_detached_per_ip`` of them, or more than ``max_detached_sessions`` wait
+        for a resume: the oldest of the largest holder goes first."""
+        config = self._config
+        sessions = self.sessions
+        ended: Ended = []
+        while (victim := sessions.address_victim(
+                session.address, config.max_detached_per_ip)) is not None:
             log.warning("session=%s member=%s: ended before its resume window, "
-                        "max_detached_sessions=%d reached", oldest.id, oldest.member, cap)
-            ended.append((oldest, self.end(oldest, "evicted")))
-        for session, rooms in ended:
-            await self.close_streams(session, rooms)
+                        "max_detached_per_ip=%s reached", victim.id, victim.member,
+                        config.max_detached_per_ip)
+            ended.append((victim, self.end(victim, "address_quota")))
+        while (victim := sessions.cap_victim(config.max_detached_sessions)) is not None:
+            log.warning("session=%s member=%s: ended before its resume window, "
+                        "max_detached_sessions=%s reached", victim.id, victim.member,
+                        config.max_detached_sessions)
+            ended.append((victim, self.end(victim, "evicted")))
+        for victim, rooms in ended:
+            await self.close_streams(victim, rooms)
         await anyio.lowlevel.checkpoint()
 
     def kick(self, session: HubSession, code: int, reason: str, ended: Ended) -> None:

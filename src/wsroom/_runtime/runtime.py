@@ -20,6 +20,7 @@ from wsroom._core.errors import MessageTooLarge
 from wsroom._core.identity import Identity
 from wsroom._core.protocol import encode, msg_payload
 from wsroom._core.queue import frame_size
+from wsroom._core.rate import MemberRates
 from wsroom._runtime.flush import Flusher
 from wsroom._runtime.handlers import Handlers
 from wsroom._runtime.membership import Membership
@@ -71,7 +72,14 @@ class Runtime:
         self.message_scope = message_scope
         self.make_context = make_context
         self._authenticate = authenticate
+        self.member_rates = (None if config.member_rate_limit is None else
+                             MemberRates(config.member_rate_limit, config.member_rate_burst))
         self.batch_bytes = config.max_batch_bytes if config.batch_frames else 0
+
+    @property
+    def anonymous(self) -> bool:
+        """No `authenticate` hook: members are anonymous, with ids wsroom makes up."""
+        return self._authenticate is None
 
     async def authenticate(self, handshake: Handshake, *, anonymous_id: str
                            ) -> Identity | None:

@@ -178,12 +178,20 @@ async def _reader(peer: Peer, tg: TaskGroup) -> None:
                     peer.request_close(CloseReason.RATE_LIMITED)
         elif isinstance(frame, Msg):
             _confirm(peer)
-            verdict = (Verdict.ALLOW if peer.rate is None
-                       else peer.rate.check(anyio.current_time()))
+            now = anyio.current_time()
+            verdict = Verdict.ALLOW if peer.rate is None else peer.rate.check(now)
+            member_rates = runtime.member_rates
+            why = "rate_limited"
+            if (verdict is Verdict.ALLOW and member_rates is not None
+                    and peer.identity is not None
+                    and not member_rates.allow(peer.identity.id, now)):
+                # The member's budget across its connections is spent.
+                why = "member_rate_limited"
+                verdict = Verdict.REFUSE if peer.rate is None else peer.rate.refuse()
             if verdict is Verdict.ALLOW:
                 await _to_dispatcher(peer, frame, tg)
             elif verdict is Verdict.REFUSE:
-                metrics.dropped["rate_limited"] += 1
+                metrics.dropped[why] += 1
                 peer.push(error_frame(
                     ErrorCode.RATE_LIMITED, "too many messages: slow down", frame.ref))
             else:
