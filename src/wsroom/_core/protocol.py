@@ -7,10 +7,11 @@ UTF-8) and the resulting ``str`` is shared by every recipient.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
-from pydantic_core import to_json
+from pydantic_core import ErrorDetails, PydanticKnownError, to_json
 
 from wsroom._core.codes import ErrorCode
 
@@ -18,7 +19,7 @@ __all__ = [
     "BadFrame", "ClientFrame", "Hello", "Msg", "Pong", "StreamPosition", "encode",
     "error_frame", "left_frame", "msg_frame", "msg_frame_from", "msg_payload", "parse_client_frame",
     "ping_frame", "presence_diff_frame", "presence_state_frame", "reply_frame",
-    "safe_errors", "snapshot_frame", "stream_frame", "welcome_frame",
+    "safe_errors", "schema_names", "snapshot_frame", "stream_frame", "welcome_frame",
 ]
 
 PROTOCOL_VERSION = 1
@@ -77,33 +78,118 @@ class BadFrame(Exception):
         self.detail = detail
 
 
-# Messages of these error types quote the input; say what was expected instead.
-_FIXED_MESSAGES = {
+# Context values of pydantic's error messages that describe the schema (bounds, expected
+# values, names of the app's classes), or a count: every other value (``error``: a
+# parser's or a validator's own words, ``tag``, ``attribute``, ``tz_actual``...) may
+# quote the input, and the message is cut before it.
+_SAFE_CONTEXT = frozenset({
+    "gt", "ge", "lt", "le", "multiple_of", "min_length", "max_length", "actual_length",
+    "expected_plural", "field_type", "pattern", "expected", "class_name", "class",
+    "encoding", "max_digits", "decimal_places", "whole_digits", "expected_schemes",
+    "expected_version", "tz_expected", "discriminator", "expected_tags", "method_name",
+})
+# The count that `{expected_plural}` agrees with, in a message that has one.
+_COUNTS = ("max_length", "min_length", "max_digits", "decimal_places", "whole_digits")
+# Templates whose cut would read badly, rewritten without their input.
+_TEMPLATES = {
+    "union_tag_invalid": "Input tag does not match any of the expected tags: {expected_tags}",
+    "no_such_attribute": "Object has no such attribute",
+    "iteration_error": "Error iterating over object",
+    "mapping_type": "Input should be a valid mapping",
+    "timezone_offset": "Timezone offset of {tz_expected} required",
+}
+# The client frames' own messages for their union of frame types.
+_FRAME_MESSAGES = {
     "union_tag_invalid": "unknown frame type (expected hello, pong or msg)",
     "union_tag_not_found": "missing frame type",
 }
-# Fields whose next location part is a client-chosen dict key, never to be echoed.
-_KEYED_FIELDS = frozenset({"streams"})
+_PLACEHOLDER = re.compile(r"\{(\w+)\}")
 
 
-def _location(loc: tuple[int | str, ...]) -> str:
-    parts: list[str] = []
-    masked = False
-    for part in loc:
-        parts.append("<key>" if masked else str(part))
-        masked = part in _KEYED_FIELDS and not masked
-    return ".".join(parts) or "frame"
+def schema_names(adapter: TypeAdapter[Any]) -> frozenset[str]:
+    """Every string a validator's schema holds (field names and aliases, tags, literal
+    values, class names...): the parts of an error's location that are the app's own,
+    not the client's (the client's are dict keys and unexpected field names)."""
+    names: set[str] = set()
+    seen: set[int] = set()
+    stack: list[Any] = [adapter.core_schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, str):
+            names.add(node)
+        elif isinstance(node, type):
+            names.add(node.__name__)
+        elif isinstance(node, (dict, list, tuple)) and id(node) not in seen:
+            seen.add(id(node))
+            if isinstance(node, dict):
+                stack.extend(node.keys())
+                stack.extend(node.values())
+            else:
+                stack.extend(node)
+    return frozenset(names)
 
 
-def safe_errors(exc: ValidationError, limit: int = 3) -> str:
-    """Describe validation errors without echoing any input (it may hold secrets)."""
+def _location(loc: tuple[int | str, ...], names: frozenset[str], root: str) -> str:
+    """The error's location, with each part not of the schema (a client's dict key or
+    unexpected field name) shown as ``<key>``; list indexes are kept."""
+    parts = [str(part) if isinstance(part, int) or part in names or part == "[key]"
+             else "<key>"
+             for part in loc]
+    return ".".join(parts) or root
+
+
+def _message(error: ErrorDetails, messages: dict[str, str]) -> str:
+    """Pydantic's message for `error` without any value taken from the input."""
+    kind = error["type"]
+    fixed = messages.get(kind)
+    if fixed is not None:
+        return fixed
+    context = error.get("ctx") or {}
+    template = _TEMPLATES.get(kind)
+    if template is None:
+        try:
+            template = PydanticKnownError(
+                kind, context or None).message_template  # type: ignore[arg-type]
+        except (KeyError, TypeError):  # PydanticCustomError: the app's own template
+            return f"invalid value ({kind})"
+    cut = next((match.start() for match in _PLACEHOLDER.finditer(template)
+                if match.group(1) not in _SAFE_CONTEXT), None)
+    if cut is not None:  # "Value error, {error}" -> "Value error"
+        template = template[:cut].rstrip(" ,:'`\"")
+        template = template.removesuffix(" got").rstrip(" ,:")
+    values = {key: context[key] for key in _SAFE_CONTEXT if key in context}
+    if "expected_plural" not in values:  # pydantic computes it from the count
+        counts = [values[key] for key in _COUNTS if key in values]
+        values["expected_plural"] = "" if counts[:1] == [1] else "s"
+    try:
+        return template.format_map(values)
+    except (KeyError, ValueError, IndexError):  # a context value missing: no values
+        return _PLACEHOLDER.split(template, maxsplit=1)[0].rstrip(" ,:'`\"") or kind
+
+
+def safe_errors(exc: ValidationError, limit: int = 3, *,
+                names: frozenset[str] = frozenset(),
+                messages: dict[str, str] | None = None, root: str = "frame") -> str:
+    """Describe validation errors without echoing any input (it may hold secrets, or
+    markup meant for whoever reads the detail): each error's location, where only the
+    parts found in `names` (see `schema_names`) and list indexes are spelled out, and
+    the kind of problem, with the schema's bounds but never the value.
+
+    Args:
+        exc: the validation error.
+        limit: at most this many errors are described.
+        names: the strings of the validator's schema.
+        messages: fixed messages by error type, instead of pydantic's.
+        root: the location of an error in the value itself (not in a part of it).
+    """
     parts = []
-    for error in exc.errors(include_url=False, include_input=False, include_context=False)[
-        :limit
-    ]:
-        message = _FIXED_MESSAGES.get(error["type"], error["msg"])
-        parts.append(f"{_location(error['loc'])}: {message}")
+    for error in exc.errors(include_url=False, include_input=False)[:limit]:
+        message = _message(error, messages or {})
+        parts.append(f"{_location(error['loc'], names, root)}: {message}")
     return "; ".join(parts)
+
+
+_FRAME_NAMES = schema_names(_client_frame)
 
 
 def parse_client_frame(text: str | bytes) -> Hello | Pong | Msg:
@@ -117,7 +203,8 @@ def parse_client_frame(text: str | bytes) -> Hello | Pong | Msg:
     except ValidationError as exc:
         if any(error["type"] == "json_invalid" for error in exc.errors()):
             raise BadFrame(ErrorCode.BAD_JSON, "frame is not valid JSON") from None
-        raise BadFrame(ErrorCode.BAD_FRAME, safe_errors(exc)) from None
+        raise BadFrame(ErrorCode.BAD_FRAME, safe_errors(
+            exc, names=_FRAME_NAMES, messages=_FRAME_MESSAGES)) from None
 
 
 def encode(frame: Any) -> str:

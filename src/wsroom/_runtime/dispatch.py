@@ -51,15 +51,17 @@ class Dispatcher:
         runtime = peer.runtime
         route = runtime.handlers.get(frame.event)
         if route is None:
-            peer.bad(ErrorCode.UNKNOWN_EVENT, f"no handler for event {frame.event!r}",
-                     frame.ref)
+            # The event name is the client's: never echoed (it may be markup, or a
+            # secret sent by mistake).
+            peer.bad(ErrorCode.UNKNOWN_EVENT, "no handler for this event", frame.ref)
             return
         data = frame.data
         if route.adapter is not None:
             try:
                 data = route.adapter.validate_python(data)
             except ValidationError as exc:
-                peer.bad(ErrorCode.INVALID_DATA, safe_errors(exc), frame.ref)
+                peer.bad(ErrorCode.INVALID_DATA,
+                         safe_errors(exc, names=route.names, root="data"), frame.ref)
                 return
             except Exception:  # a validator of the app's model has a bug
                 runtime.telemetry.counters.handler_errors += 1

@@ -11,6 +11,8 @@ from typing import Any
 
 from pydantic import TypeAdapter
 
+from wsroom._core.protocol import schema_names
+
 __all__ = ["Handler", "Handlers", "Route"]
 
 
@@ -25,6 +27,9 @@ class Route:
     event: str
     handler: Handler
     adapter: TypeAdapter[Any] | None
+    names: frozenset[str] = frozenset()
+    """The strings of the validator's schema: the parts of an error's location that
+    may be shown to the client (see `wsroom._core.protocol.safe_errors`)."""
 
 
 def _payload_type(handler: Handler, localns: Mapping[str, Any] | None) -> Any:
@@ -81,7 +86,8 @@ class Handlers:
             raise TypeError(f"handler for {event!r} must be an async function")
         payload = _payload_type(handler, localns) if model is None else model
         adapter = None if payload is Any else TypeAdapter(payload)
-        self._routes[event] = Route(event, handler, adapter)
+        names = frozenset() if adapter is None else schema_names(adapter)
+        self._routes[event] = Route(event, handler, adapter, names)
 
     def get(self, event: str) -> Route | None:
         """Return the route of `event`, if any."""
