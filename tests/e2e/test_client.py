@@ -519,3 +519,49 @@ async def test_on_disconnect_sees_the_socket_the_client_gives_up_on() -> None:
     assert (code, reason) == (1006, "dropped")
     assert sock is not None
     assert sock.fileno() == -1  # closed since, by the client
+
+
+async def test_pings_during_the_close_never_kill_the_client(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """uvicorn pings every 50 ms (``--ws-ping-interval 0.05``) while clients close: a
+    ping read after the client's close frame went out cannot be answered (wsproto
+    refuses a pong then), and used to kill the client's task with LocalProtocolError
+    (1 load test in 3). Each client here keeps its event loop busy across a ping
+    interval before it leaves, so that a ping is waiting, unread, when its close frame
+    goes out: the race, every time. Every exit must be clean."""
+    import time
+
+    from support import spawn
+    from wsroom.client import _websocket
+
+    answered = _websocket.WebSocket._answer
+    while_closing = 0
+
+    async def counting(self: _websocket.WebSocket, ping: Any) -> None:
+        nonlocal while_closing
+        if self._ws.state is not _websocket.ConnectionState.OPEN:
+            while_closing += 1
+        await answered(self, ping)
+
+    monkeypatch.setattr(_websocket.WebSocket, "_answer", counting)
+    closes = 20
+    async with spawn("wire_app:app", {"ping_interval": 5.0},
+                     args=["--ws-ping-interval", "0.05", "--ws-ping-timeout", "5"]
+                     ) as server:
+        for _ in range(closes):
+            async with Client(server.url + "/ws") as client:
+                await client.wait_connected()
+                time.sleep(0.12)  # busy: pings arrive and wait in the socket buffer
+            assert client.closed is not None
+            assert client.closed.code == 1000, client.closed
+        # Many at once too: the server's answers to their closes compete with its pings.
+        async def one() -> None:
+            async with Client(server.url + "/ws") as client:
+                await client.wait_connected()
+                await anyio.sleep(random.uniform(0, 0.1))
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(30):
+                tg.start_soon(one)
+        assert "Traceback" not in server.log()
+    assert while_closing >= 1  # the race did happen
