@@ -31,6 +31,7 @@ from wsroom._core.metrics import (
     Metrics,
     close_code_label,
 )
+from wsroom._core.state import CloseReason
 from wsroom.metrics import HubCollector, metrics_app
 
 Labels = frozenset[tuple[str, str]]
@@ -302,6 +303,50 @@ async def test_client_chosen_close_codes_are_bucketed() -> None:
     assert sum(series.values()) == 40
     assert series[labels(code="4xxx", reason="client_closed")] == 17
     assert set(hub.stats().closes) == {"client_closed"}
+
+
+@pytest.mark.anyio
+async def test_no_label_value_comes_from_a_client() -> None:
+    """Clients choose event names, stream names in their hello, frames that are not
+    frames, and close codes: none of it appears in a label, and every labelled family
+    keeps to its fixed set."""
+    hub = Hub()
+
+    @hub.on("chat")
+    async def chat(ctx: MessageContext, data: int) -> None:
+        return None
+
+    registry = single(HubCollector(hub))
+    async with hub.run():
+        for n in range(12):
+            transport = MemoryTransport()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(serve_transport, hub, transport)
+                await transport.client_send({"type": "hello", "v": 1, "streams": {
+                    f"MARK-room-{n}": {"epoch": f"MARK-{n}", "offset": n}}})
+                await wait_for(lambda: hub.stats().rooms == 0 and bool(hub.connections()))
+                await transport.client_send({"type": "msg", "event": f"MARK-event-{n}"})
+                await transport.client_send({"type": "msg", "event": "chat",
+                                             "data": f"MARK-data-{n}"})
+                await transport.client_send({"type": f"MARK-type-{n}"})
+                await transport.client_send(f"MARK-not-json-{n}")
+                frames: list[dict[str, Any]] = []
+                with anyio.fail_after(10):
+                    while sum(frame["type"] == "error" for frame in frames) < 4:
+                        frames += await transport.client_frames()
+                        await anyio.sleep(0.01)
+                await transport.client_disconnect(3000 + 97 * n)
+            transport.close_streams()
+    result = scrape(registry)
+    for (name, sample_labels), _ in result.samples.items():
+        for label, value in sample_labels:
+            assert "MARK" not in value, (name, label, value)
+    codes = {dict(key)["code"] for key in result.labelled("wsroom_disconnects_total")}
+    assert codes <= CLOSE_CODE_LABELS
+    assert len(result.labelled("wsroom_disconnects_total")) <= len(CLOSE_CODE_LABELS)
+    stats = hub.stats()
+    assert set(stats.closes) <= {str(reason) for reason in CloseReason}
+    assert not any("MARK" in key for key in (*stats.closes, *stats.resumes))
 
 
 @pytest.mark.parametrize(("code", "label"), [
