@@ -1,7 +1,8 @@
-"""The ``wsroom`` command: a dispatcher to its subcommands (today ``loadtest``).
+"""The ``wsroom`` command: a dispatcher to its subcommands (``run``, ``loadtest``).
 
 Kept apart from the subcommands so that ``wsroom --help`` works, and a missing extra is a
-one-line error, whatever is installed: ``wsroom loadtest`` needs the ``client`` extra.
+one-line error, whatever is installed: ``wsroom loadtest`` needs the ``client`` extra,
+``wsroom run`` the ``run`` extra (uvicorn).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ USAGE = """\
 usage: wsroom COMMAND [options]
 
 commands:
+  run MODULE:APP serve an ASGI app with a wsroom Hub under uvicorn, with production
+                 defaults (wsroom run --help; needs the run extra)
   loadtest URL   simulate players against a running wsroom server
                  (wsroom loadtest --help; needs the client extra)"""
 
@@ -23,6 +26,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args[:1] in (["-h"], ["--help"]):
         print(USAGE)
         return 0
+    if args[:1] == ["run"]:
+        from .runner import main as run
+
+        return run(args[1:])
     if args[:1] != ["loadtest"]:
         problem = f"unknown command {args[0]!r}" if args else "no command"
         print(f"wsroom: {problem}\n{USAGE}", file=sys.stderr)
