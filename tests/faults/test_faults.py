@@ -27,6 +27,7 @@ import contextlib
 import contextvars
 import itertools
 import logging
+import re
 import resource
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -681,3 +682,91 @@ async def test_abandoned_handshakes_leave_nothing_behind(
         f"connections {final['hub']['connections']} (baseline "
         f"{base['hub']['connections']}), tasks {final['tasks']} ({base['tasks']}), fds "
         f"{final['fds']} ({base['fds']})")
+
+
+# --------------------------------------------- 6 and 7: the kernel lets go too (issue 15)
+
+
+KERNEL_CONFIG = {"ping_interval": 1.0, "pong_timeout": 2.0, "close_timeout": 2.0,
+                 "max_queue_bytes": 256 * 1024, "max_connections_per_ip": None,
+                 "connect_rate_per_ip": None}
+"""Small timeouts: the heartbeat gives up after 1 + 2 s, a close after 2 s."""
+
+USER_TIMEOUT = 3.0
+"""`wsroom.runner.listen_socket`'s user timeout in these cases (the default is 30 s)."""
+
+RECLAIM_SLACK = 1.0
+"""The docs' bound is the user timeout after wsroom's release; this allows the kernel's
+timer granularity (its retransmission timeout is clamped to what is left of the user
+timeout, its zero-window probes start one RTO after the window closes) and this test's
+polling (0.1 s)."""
+
+
+def _unexpected_errors(srv: Server, via: str) -> list[str]:
+    """The exceptions in the server's log, but for hypercorn's report of a connection the
+    kernel aborted (its ``writer.wait_closed()`` raises ETIMEDOUT, which asyncio logs as
+    "Unhandled exception in client_connected_cb" with a traceback)."""
+    found = re.findall(r"^[\s|+]*(\w+(?:Error|Exception|Group)): (.*)$", srv.log(), re.M)
+    allowed = set()
+    if via == "hypercorn":
+        allowed = {("TimeoutError", "[Errno 110] Connection timed out"),
+                   ("ExceptionGroup", "unhandled errors in a TaskGroup (1 sub-exception)")}
+    return [f"{kind}: {text}" for kind, text in found if (kind, text) not in allowed]
+
+
+def _held(got: netns.Reclaimed) -> str:
+    return (f"fds {got.base.fds} -> {got.peak.fds} -> {got.after.fds}, sockets "
+            f"{got.base.sockets} -> {got.peak.sockets} -> {got.after.sockets}")
+
+
+@pytest.mark.parametrize("via", netns.KERNEL_SERVERS)
+async def test_a_never_reading_peer_leaves_no_socket_and_no_fd_behind(
+        lab: Lab, report: netns.FaultReport, via: str) -> None:
+    """A client that never reads after its hello (its kernel keeps acknowledging the
+    zero-window probes) is closed by wsroom; then the server's socket and fd are gone
+    within the user timeout of `wsroom.runner.listen_socket`, under `wsroom run`
+    (uvicorn) and under hypercorn on the same socket."""
+    bound = USER_TIMEOUT + RECLAIM_SLACK
+    async with netns.kernel_server(lab, KERNEL_CONFIG, via=via,
+                                   user_timeout=USER_TIMEOUT) as srv:
+        got = await netns.never_reading_peer(srv, timeout=30)
+    assert _unexpected_errors(srv, via) == []
+    assert set(got.codes) <= {3008, 3012}, got.codes
+    assert got.reclaimed_after <= bound, (
+        f"fds and sockets back at the baseline {got.reclaimed_after:.2f}s after the release")
+    assert got.after.fds <= got.base.fds
+    assert got.after.sockets <= got.base.sockets
+    report.record(
+        f"6. never-reading peer (zero window, probes acked), {via}, user timeout "
+        f"{USER_TIMEOUT:g}s",
+        f"socket and fd gone <= {bound:g}s after wsroom's release (user timeout + "
+        f"{RECLAIM_SLACK:g})",
+        f"closed {got.codes}, released {got.released_after:.1f}s after the broadcast "
+        f"began; gone {got.reclaimed_after:.2f}s after the release; {_held(got)}")
+
+
+@pytest.mark.parametrize("via", netns.KERNEL_SERVERS)
+async def test_peers_that_vanish_while_the_room_broadcasts_leave_nothing_behind(
+        lab: Lab, report: netns.FaultReport, via: str) -> None:
+    """100 clients whose packets all vanish (no FIN, no RST) while their room broadcasts
+    are evicted (3012); then the server's sockets and fds are back at the baseline within
+    the user timeout, under `wsroom run` and under hypercorn on the same socket."""
+    count, bound = 100, USER_TIMEOUT + RECLAIM_SLACK
+    heartbeat = KERNEL_CONFIG["ping_interval"] + KERNEL_CONFIG["pong_timeout"] + 1
+    async with netns.kernel_server(lab, KERNEL_CONFIG, via=via,
+                                   user_timeout=USER_TIMEOUT) as srv:
+        got = await netns.vanishing_peers(srv, count, timeout=30)
+    assert _unexpected_errors(srv, via) == []
+    assert got.codes == {3012: count}, got.codes
+    assert got.released_after <= heartbeat + 0.5, got.released_after
+    assert got.reclaimed_after <= bound, (
+        f"fds and sockets back at the baseline {got.reclaimed_after:.2f}s after the last "
+        "release")
+    assert got.peak.fds >= got.base.fds + count
+    report.record(
+        f"7. {count} clients vanish while the room broadcasts, {via}, user timeout "
+        f"{USER_TIMEOUT:g}s",
+        f"3012 each within {heartbeat:g}s; sockets and fds at baseline <= {bound:g}s "
+        "after the last release",
+        f"{got.codes}, last released {got.released_after:.2f}s after the fault; baseline "
+        f"{got.reclaimed_after:.2f}s after it; {_held(got)}")

@@ -15,6 +15,7 @@ local send error. Every fault is one nftables table per namespace, deleted on ex
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -329,3 +330,246 @@ async def server(net: Lab, config: dict[str, Any]) -> AsyncIterator[Server]:
         await process.aclose()
         srv.final_log = srv.log()
         os.unlink(log_name)
+
+
+# ------------------------------------- the kernel's share: wsroom run, hypercorn (issue 15)
+
+KERNEL_SERVERS = ("runner", "hypercorn")
+"""How `kernel_server` starts the fault app: ``wsroom run`` (uvicorn on
+`wsroom.runner.listen_socket`), or hypercorn on the same socket (an ``fd://`` bind)."""
+
+_HYPERCORN = """\
+import asyncio, sys
+from hypercorn.asyncio import serve
+from hypercorn.config import Config
+from wsroom.runner import listen_socket
+sys.path.insert(0, sys.argv[1])
+from fault_app import app
+sock = listen_socket("0.0.0.0", int(sys.argv[2]), user_timeout=float(sys.argv[3]))
+config = Config()
+config.bind = [f"fd://{sock.fileno()}"]
+config.websocket_max_message_size = int(sys.argv[4])
+config.graceful_timeout = 5
+asyncio.run(serve(app, config))
+"""
+
+
+@asynccontextmanager
+async def kernel_server(net: Lab, config: dict[str, Any], *, via: str,
+                        user_timeout: float) -> AsyncIterator[Server]:
+    """Run tests/apps/fault_app.py in the lab's namespace with these HubConfig fields,
+    ``via`` ``wsroom run`` or hypercorn, both on `wsroom.runner.listen_socket` with this
+    user timeout (seconds) and a WebSocket size limit of the hub's ``max_message_bytes``;
+    kill it on exit. ``Server.process.pid`` is the server's own pid (``ip netns exec``
+    execs it)."""
+    net.require()
+    from wsroom import HubConfig
+
+    apps = str(Path(__file__).parents[1] / "apps")
+    env = {**os.environ, "WSROOM_TEST_CONFIG": json.dumps(config),
+           "PYTHONWARNINGS": "default::ResourceWarning"}
+    if via == "runner":
+        command = [sys.executable, "-m", "wsroom._cli", "run", "fault_app:app", "--app-dir",
+                   apps, "--host", "0.0.0.0", "--port", str(PORT), "--user-timeout",
+                   str(user_timeout), "--timeout-graceful-shutdown", "5"]
+        ready = "wsroom run: serving on"
+    elif via == "hypercorn":
+        max_size = HubConfig(**config).max_message_bytes
+        command = [sys.executable, "-c", _HYPERCORN, apps, str(PORT), str(user_timeout),
+                   str(max_size)]
+        ready = "Running on"
+    else:
+        raise ValueError(via)
+    fd, log_name = tempfile.mkstemp(prefix=f"wsroom-kernel-{via}-", suffix=".log")
+    with os.fdopen(fd, "wb") as log_file:
+        process = await anyio.open_process(["ip", "netns", "exec", net.ns, *command],
+                                           env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    srv = Server(net, process, Path(log_name))
+    try:
+        with anyio.fail_after(30):
+            while ready not in srv.log():
+                if process.returncode is not None:
+                    raise RuntimeError(f"server exited early:\n{srv.log()}")
+                await anyio.sleep(0.05)
+        yield srv
+    except BaseException:
+        print(f"---- server log ({log_name}), last 60 lines ----\n{srv.log_tail(60)}")
+        raise
+    finally:
+        if process.returncode is None:
+            process.kill()
+        with anyio.move_on_after(10, shield=True):
+            await process.wait()
+        await process.aclose()
+        srv.final_log = srv.log()
+        os.unlink(log_name)
+
+
+def server_fds(srv: Server) -> int:
+    """The server process's file descriptors of sockets, counted from outside
+    (/proc/<pid>/fd). Only sockets: tests/apps/fault_app.py's TCP_INFO probe leaks a
+    duplicate of each non-socket fd (stdio, the epoll) at every close it sees
+    (``socket.fromfd`` dups before it fails with ENOTSOCK), which is the test app's
+    doing, not the server's."""
+    fds = Path(f"/proc/{srv.process.pid}/fd")
+    count = 0
+    for fd in fds.iterdir():
+        with contextlib.suppress(OSError):  # closed in the meantime
+            count += os.readlink(fd).startswith("socket:")
+    return count
+
+
+def server_rss(srv: Server) -> int:
+    """The server process's resident memory, bytes (/proc/<pid>/status VmRSS)."""
+    status = Path(f"/proc/{srv.process.pid}/status").read_text()
+    found = re.search(r"^VmRSS:\s+(\d+) kB", status, re.M)
+    assert found is not None, status
+    return int(found.group(1)) * 1024
+
+
+def server_sockets(net: Lab) -> list[str]:
+    """The server's TCP connections (``ss -tn`` in its namespace, local port PORT), in
+    every state but LISTEN and TIME-WAIT (which holds neither a file descriptor nor a
+    buffer): one line each, with its state and queues."""
+    listing = net.in_ns("ss", "-tnH", "state", "connected", "exclude", "time-wait",
+                        "sport", "=", f":{PORT}")
+    return [line for line in listing.splitlines() if line.strip()]
+
+
+@dataclass
+class Held:
+    """What the server holds: file descriptors and TCP connections."""
+
+    fds: int
+    sockets: int
+
+
+async def held(srv: Server) -> Held:
+    """The server's fds and sockets now (the lowest of a few samples: a request that is
+    just ending may hold one for a moment)."""
+    samples = []
+    for _ in range(3):
+        samples.append(Held(server_fds(srv), len(server_sockets(srv.lab))))
+        await anyio.sleep(0.05)
+    return Held(min(s.fds for s in samples), min(s.sockets for s in samples))
+
+
+async def back_to(srv: Server, base: Held, timeout: float) -> float:
+    """Wait until the server holds no more fds and sockets than `base`; return the
+    wall-clock time it got there (fail after `timeout` s, showing what is left)."""
+    deadline = time.time() + timeout
+    while True:
+        fds, sockets = server_fds(srv), server_sockets(srv.lab)
+        if fds <= base.fds and len(sockets) <= base.sockets:
+            return time.time()
+        if time.time() > deadline:
+            raise AssertionError(
+                f"after {timeout:g}s the server still holds {fds} fds (baseline "
+                f"{base.fds}) and {len(sockets)} sockets (baseline {base.sockets}):\n"
+                + "\n".join(sockets[:10]))
+        await anyio.sleep(0.1)
+
+
+async def released(srv: Server, members: set[str], timeout: float) -> list[dict[str, Any]]:
+    """The server's records (tests/apps/fault_app.py) of these members' connections being
+    released, once all of them are."""
+    with anyio.fail_after(timeout):
+        while True:
+            records = [r for r in (await srv.stats())["closed"] if r["member"] in members]
+            if len(records) >= len(members):
+                return records
+            await anyio.sleep(0.2)
+
+
+@dataclass
+class Reclaimed:
+    """One kernel-reclaim scenario's measurements (wall-clock seconds)."""
+
+    base: Held
+    peak: Held
+    codes: dict[int, int]
+    released_after: float  # from the fault (or the last read) to wsroom's last release
+    reclaimed_after: float  # from wsroom's last release to fds and sockets at baseline
+    after: Held
+
+
+async def _warm(srv: Server) -> Held:
+    from support import Player
+
+    async with Player.connect(srv.lab.ws_url, auth={"name": "warm"}):
+        pass
+    await released(srv, {"warm"}, 10)
+    await anyio.sleep(0.3)
+    return await held(srv)
+
+
+async def never_reading_peer(srv: Server, *, timeout: float) -> Reclaimed:
+    """A client that completes the upgrade and its hello, then never reads again (a tiny
+    receive buffer, so that its window closes at once; its kernel keeps acknowledging
+    the server's zero-window probes) while its room broadcasts. wsroom closes it (3008,
+    or 3012 if its pongs stop first) and releases it; then measure how long until the
+    server's fds and sockets are back at the baseline."""
+    from support import Player
+
+    base = await _warm(srv)
+    async with Player.connect(srv.lab.ws_url, auth={"name": "slow"},
+                              receive_buffer=4096) as player:
+        start = time.time()
+        await srv.post("/broadcast", {"rate": 200, "size": 2000})
+        peak = await held(srv)
+        try:
+            (record,) = await released(srv, {"slow"}, timeout)
+            reclaimed_at = await back_to(srv, base, timeout)
+        finally:
+            await srv.post("/broadcast/stop")
+        after = await held(srv)
+        await player.ws.abort()
+    return Reclaimed(base, peak, {record["code"]: 1}, record["at"] - start,
+                     reclaimed_at - record["at"], after)
+
+
+async def vanishing_peers(srv: Server, count: int, *, timeout: float) -> Reclaimed:
+    """`count` clients whose packets all vanish at once (nftables, no FIN, no RST) while
+    their room broadcasts: wsroom evicts them (3012) and releases them; then measure how
+    long until the server's fds and sockets are back at the baseline."""
+    from anyio.abc import SocketAttribute
+
+    from support import Player
+    from wsroom.client._websocket import ConnectionClosed
+
+    async def pump(player: Player) -> None:  # reads, answering pings, until cut off
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                await player.frame()
+
+    base = await _warm(srv)
+    names = {f"gone{i}" for i in range(count)}
+    async with contextlib.AsyncExitStack() as stack:
+        playing = [await stack.enter_async_context(
+                       Player.connect(srv.lab.ws_url, auth={"name": name}))
+                   for name in sorted(names)]
+        async with anyio.create_task_group() as tg:
+            for player in playing:
+                tg.start_soon(pump, player)
+            await srv.post("/broadcast", {"rate": 20, "size": 500})
+            await anyio.sleep(1.5)
+            peak = await held(srv)
+            ports = ", ".join(str(p.ws._stream.extra(SocketAttribute.local_port))
+                              for p in playing)
+            try:
+                with srv.lab.fault(f"tcp sport {{ {ports} }}",
+                                   f"tcp dport {{ {ports} }}") as fault:
+                    records = await released(srv, names, timeout)
+                    last = max(r["at"] for r in records)
+                    reclaimed_at = await back_to(srv, base, timeout)
+            finally:
+                await srv.post("/broadcast/stop")
+            after = await held(srv)
+            tg.cancel_scope.cancel()
+        for player in playing:  # the client side never heard of it
+            if player.ws.closed is None:  # (not reset by the server already)
+                await player.ws.abort()
+    codes: dict[int, int] = {}
+    for record in records:
+        codes[record["code"]] = codes.get(record["code"], 0) + 1
+    return Reclaimed(base, peak, codes, last - fault.at, reclaimed_at - last, after)
