@@ -19,6 +19,11 @@ client (`wsroom.client.Client`) resumes and gets every message once, in order. C
 ``ping_interval=1, pong_timeout=4``: an outage of 2 s (shorter than `pong_timeout`) plus
 TCP's retransmission backoff after it must stay within the deadline. uvicorn's own
 WebSocket pings are off (see `netns.server`).
+
+Cases 6 and 7 (issue 15) run the server on `wsroom.runner.listen_socket` (user timeout 3 s),
+under ``wsroom run`` and under hypercorn (`netns.kernel_server`), and check that once wsroom
+has released a never-reading peer, or 100 peers that vanished, the server's socket fds and
+TCP sockets are back at their baseline within the user timeout.
 """
 
 from __future__ import annotations
