@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import logging
 import socket
 import sys
@@ -174,6 +175,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         import uvicorn
     except ImportError:
         print("wsroom run: needs uvicorn (pip install 'wsroom[run]')", file=sys.stderr)
+        return 2
+    library = {"websockets-sansio": "websockets", "wsproto": "wsproto"}[args.ws]
+    if importlib.util.find_spec(library) is None:
+        print(f"wsroom run: --ws {args.ws} needs {library} (pip install "
+              f"{'wsroom[run]' if library == 'websockets' else library!r})", file=sys.stderr)
         return 2
     if ":" not in args.app:
         print(f"wsroom run: {args.app!r}: expected MODULE:ATTRIBUTE", file=sys.stderr)

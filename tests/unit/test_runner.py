@@ -108,6 +108,18 @@ def test_wsroom_run_help(capsys: pytest.CaptureFixture[str]) -> None:
         assert option in out
 
 
+@pytest.mark.parametrize(("ws", "library"), [("websockets-sansio", "websockets"),
+                                             ("wsproto", "wsproto")])
+def test_wsroom_run_without_the_websocket_library_is_a_one_line_error(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], ws: str,
+        library: str) -> None:
+    monkeypatch.setitem(sys.modules, library, None)  # find_spec: None
+    assert wsroom_main(["run", "app:app", "--ws", ws]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert f"needs {library}" in err
+
+
 def test_wsroom_run_without_uvicorn_is_a_one_line_error(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setitem(sys.modules, "uvicorn", None)  # import uvicorn: ImportError
