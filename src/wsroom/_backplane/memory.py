@@ -12,6 +12,7 @@ from wsroom._backplane.base import Backplane, Envelope
 from wsroom._core.history import HistoryBudget, HistoryLimits, Recovery, StreamHistory
 from wsroom._core.protocol import msg_frame_from
 from wsroom._core.queue import frame_size
+from wsroom._core.sessions import INBOX, inbox_owner
 
 __all__ = ["MemoryBackplane"]
 
@@ -86,9 +87,11 @@ class MemoryBackplane(Backplane):
         history = self._streams[stream]
         offset = history.offset + 1
         frame = msg_frame_from(wire_name, history.epoch, offset, payload)
-        history.append(offset, frame, anyio.current_time())
-        envelope = Envelope(stream, history.epoch, offset, frame, frame_size(frame), key,
-                            exclude)
+        size = frame_size(frame)
+        # The history keeps the payload, not the frame: `Hub.send_to` publishes one
+        # payload object to each session of the member, and it is stored once.
+        history.append(offset, payload, anyio.current_time(), size=size)
+        envelope = Envelope(stream, history.epoch, offset, frame, size, key, exclude)
         # Synchronously: no membership change can interleave with a fan-out.
         self._deliver(envelope)
         return envelope
@@ -103,4 +106,10 @@ class MemoryBackplane(Backplane):
         await anyio.lowlevel.checkpoint()
         if history is None:
             return Recovery(False, (), "", 0)
-        return history.since(epoch, offset, anyio.current_time())
+        recovery = history.since(epoch, offset, anyio.current_time())
+        if not recovery.frames:
+            return recovery
+        wire = INBOX if inbox_owner(stream) is not None else stream
+        frames = tuple(msg_frame_from(wire, recovery.epoch, first, payload)
+                       for first, payload in enumerate(recovery.frames, offset + 1))
+        return Recovery(True, frames, recovery.epoch, recovery.offset)

@@ -101,15 +101,22 @@ class StreamHistory:
         """The oldest retained offset (``offset + 1`` when nothing is retained)."""
         return self._items[0][0] if self._items else self.offset + 1
 
-    def append(self, offset: int, frame: str, now: float) -> None:
+    def append(self, offset: int, frame: str, now: float, *, size: int | None = None
+               ) -> None:
         """Retain the message `offset` (the next one of the stream).
+
+        Args:
+            frame: what `since` returns for it (a frame, or what a frame is made from).
+            size: its size for the limits, if not ``frame_size(frame)`` (the size of
+                the frame it stands for).
 
         Raises:
             ValueError: if `offset` does not follow the last one.
         """
         if offset != self.offset + 1:
             raise ValueError(f"offset {offset} does not follow {self.offset}")
-        size = frame_size(frame)
+        if size is None:
+            size = frame_size(frame)
         if self._items is _EMPTY:
             self._items = deque()
         self._items.append((offset, now, frame, size))

@@ -49,19 +49,30 @@ class RateLimiter:
 
     def check(self, now: float) -> Verdict:
         """Account for one message arriving at `now` (a monotonic clock)."""
+        if self.take(now):
+            self.allowed()
+            return Verdict.ALLOW
+        return self.refuse()
+
+    def take(self, now: float) -> bool:
+        """Take a token for a message at `now` if there is one (the patience is left
+        alone: `allowed` or `refuse` settles it, when other budgets have spoken)."""
         if self._last is not None and now > self._last:
             self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
         if self._last is None or now > self._last:
             self._last = now
         if self._tokens >= 1 - 1e-9:  # float slack: n / rate seconds bring n tokens
             self._tokens -= 1
-            self._refused = 0
-            return Verdict.ALLOW
-        return self.refuse()
+            return True
+        return False
+
+    def allowed(self) -> None:
+        """A message went through: the patience starts again."""
+        self._refused = 0
 
     def refuse(self) -> Verdict:
-        """Account for a refusal decided elsewhere (the member's own budget): it counts
-        toward the patience like one of this bucket's."""
+        """Account for a refused message (by this bucket or by another budget, such as
+        the member's): refusals in a row run out of patience."""
         self._refused += 1
         return Verdict.CLOSE if self._refused >= self.patience else Verdict.REFUSE
 

@@ -178,16 +178,7 @@ async def _reader(peer: Peer, tg: TaskGroup) -> None:
                     peer.request_close(CloseReason.RATE_LIMITED)
         elif isinstance(frame, Msg):
             _confirm(peer)
-            now = anyio.current_time()
-            verdict = Verdict.ALLOW if peer.rate is None else peer.rate.check(now)
-            member_rates = runtime.member_rates
-            why = "rate_limited"
-            if (verdict is Verdict.ALLOW and member_rates is not None
-                    and peer.identity is not None
-                    and not member_rates.allow(peer.identity.id, now)):
-                # The member's budget across its connections is spent.
-                why = "member_rate_limited"
-                verdict = Verdict.REFUSE if peer.rate is None else peer.rate.refuse()
+            verdict, why = _rate(peer, anyio.current_time())
             if verdict is Verdict.ALLOW:
                 await _to_dispatcher(peer, frame, tg)
             elif verdict is Verdict.REFUSE:
@@ -198,6 +189,22 @@ async def _reader(peer: Peer, tg: TaskGroup) -> None:
                 peer.request_close(CloseReason.RATE_LIMITED)
         else:
             peer.bad(ErrorCode.BAD_FRAME, "hello was already received", None)
+
+def _rate(peer: Peer, now: float) -> tuple[Verdict, str]:
+    """The connection's rate limit, then its member's (across its connections): the
+    verdict on a message, and which budget refused it."""
+    rate = peer.rate
+    if rate is not None and not rate.take(now):
+        return rate.refuse(), "rate_limited"
+    member_rates = peer.runtime.member_rates
+    identity = peer.identity
+    if (member_rates is not None and identity is not None
+            and not member_rates.allow(identity.id, now)):
+        return (Verdict.REFUSE if rate is None else rate.refuse()), "member_rate_limited"
+    if rate is not None:
+        rate.allowed()
+    return Verdict.ALLOW, ""
+
 
 def _confirm(peer: Peer) -> None:
     """A frame after the welcome: the client holds the newest resume token."""
