@@ -26,11 +26,14 @@ def test_the_public_submodules() -> None:
     import wsroom.loadtest
     import wsroom.metrics
     import wsroom.redis
+    import wsroom.runner
     import wsroom.testing
 
     public_modules = {name for name in dir(wsroom) if not name.startswith("_")
                       and type(getattr(wsroom, name)).__name__ == "module"}
-    assert public_modules == {"client", "loadtest", "metrics", "redis", "testing"}
+    assert public_modules == {"client", "loadtest", "metrics", "redis", "runner", "testing"}
+    assert set(wsroom.runner.__all__) == {"DEFAULT_USER_TIMEOUT", "listen_socket", "main",
+                                          "ws_max_size_for"}
     assert set(wsroom.loadtest.__all__) == {"Histogram", "Options", "SetupError",
                                             "format_report", "main", "parse_args",
                                             "report", "run"}

@@ -102,8 +102,12 @@ class HubConfig:
         close_timeout: seconds from a close request until the connection is released:
             the flush (for closes that flush) and the close frame together; at most
             1 s after a no-pong eviction. A peer that reads nothing for that long (its
-            TCP window is full) is dropped without a close frame (it sees 1006, and
-            reconnects as it would after 3008).
+            TCP window is full) is released without a close frame. Its socket is
+            closed by the kernel at most the user timeout (30 s) later under
+            ``wsroom run`` or on a socket from `wsroom.runner.listen_socket` (the
+            peer, if still there, sees 1006 and reconnects as it would after 3008);
+            otherwise the server keeps it until TCP gives up (see the
+            [deploy guide](../deploy.md)).
         hook_timeout: seconds allowed for `authenticate` plus the `on_connect` hooks
             (else 1013, try again later), and for the `on_disconnect` hooks.
         shutdown_timeout: seconds for the graceful part of a shutdown; connections
