@@ -61,6 +61,10 @@ def tcp_info(port: int) -> dict[str, int] | None:
     """TCP_INFO of this process's socket connected to the client port `port`."""
     for name in os.listdir("/proc/self/fd"):
         try:
+            # Sockets only: fromfd duplicates the fd, and on a file it raises before
+            # the duplicate could be closed (one fd leaked per file, per call).
+            if not os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
+                continue
             sock = socket.fromfd(int(name), socket.AF_INET, socket.SOCK_STREAM)
         except (OSError, ValueError):
             continue
