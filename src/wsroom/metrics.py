@@ -190,7 +190,8 @@ class HubCollector:
             (((reason,), count) for reason, count in metrics.dropped.items()))
         yield labelled(
             CounterMetricFamily("wsroom_sessions_ended", "Sessions ended, by reason "
-                                "(closed, expired, evicted, disconnected, shutdown).",
+                                "(closed, expired, disconnected, shutdown; ended early "
+                                "by a budget: member_limit, address_quota, evicted).",
                                 labels=[*names, "reason"]),
             (((reason,), count) for reason, count in metrics.sessions_ended.items()))
         yield counter("wsroom_handler_errors_total",
@@ -198,6 +199,10 @@ class HubCollector:
                       stats.handler_errors)
         yield gauge("wsroom_queued_bytes", "Bytes waiting in all outbound queues.",
                     stats.queued_bytes)
+        history_bytes = hub.backplane.history_bytes
+        if history_bytes is not None:
+            yield gauge("wsroom_history_bytes", "Bytes of stream history held in this "
+                        "process (bounded by HubConfig.max_history_bytes).", history_bytes)
         yield histogram("wsroom_send_queue_depth_messages",
                         "Messages in a client's queue when its writer takes a batch.",
                         metrics.queue_depth)

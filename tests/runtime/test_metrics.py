@@ -22,7 +22,7 @@ from starlette.routing import Mount, Route, WebSocketRoute
 
 import wsroom.metrics
 from support import MemoryTransport, Player, running, serve, serve_transport, wait_for
-from wsroom import Connection, Hub, MessageContext
+from wsroom import Connection, Hub, MemoryBackplane, MessageContext
 from wsroom._core.codes import CloseCode
 from wsroom._core.metrics import (
     CLOSE_CODE_LABELS,
@@ -89,6 +89,7 @@ NAMES = {
     "wsroom_sent_bytes_total": "counter",
     "wsroom_handler_errors_total": "counter",
     "wsroom_queued_bytes": "gauge",
+    "wsroom_history_bytes": "gauge",
     "wsroom_send_queue_depth_messages_bucket": "histogram",
     "wsroom_heartbeat_rtt_seconds_bucket": "histogram",
     "wsroom_broadcast_duration_seconds_bucket": "histogram",
@@ -272,6 +273,10 @@ async def test_a_running_hub_with_a_connection() -> None:
         assert result.value("wsroom_received_bytes_total") == metrics.received_bytes
         assert result.value("wsroom_sent_bytes_total") == metrics.sent_bytes
         assert result.value("wsroom_queued_bytes") == stats.queued_bytes
+        backplane = hub.backplane
+        assert isinstance(backplane, MemoryBackplane)
+        # The chat in the room's history (its payload's size, within the frame's).
+        assert result.value("wsroom_history_bytes") == backplane.history_bytes > 0
         assert result.value("wsroom_send_queue_depth_messages_count") == \
             metrics.queue_depth.count
         assert result.value("wsroom_broadcast_duration_seconds_count") == \

@@ -91,7 +91,8 @@ def test_address_victim_is_the_oldest_of_that_address_beyond_its_quota() -> None
     other = detached(registry, "victim", "1.1.1.1", 10.0)
     assert registry.address_victim("6.6.6.6", 3) is None
     victim = registry.address_victim("6.6.6.6", 2)
-    assert victim is not None and victim.id == ids[0]
+    assert victim is not None
+    assert victim.id == ids[0]
     assert registry.address_victim("1.1.1.1", 0).id == other  # type: ignore[union-attr]
     assert registry.address_victim(None, 0) is None
     assert registry.detached_of(("address", "6.6.6.6")) == 3
@@ -118,10 +119,11 @@ def test_the_cap_takes_the_oldest_of_all_when_nobody_holds_more_than_one() -> No
     registry: Registry = SessionRegistry(120.0)
     ids = [detached(registry, f"m{i}", f"10.0.0.{i}", float(i)) for i in range(3)]
     session = registry.cap_victim(2)
-    assert session is not None and session.id == ids[0]
+    assert session is not None
+    assert session.id == ids[0]
 
 
-@given(st.lists(st.tuples(st.sampled_from("detach attach remove expire".split()),
+@given(st.lists(st.tuples(st.sampled_from(["detach", "attach", "remove", "expire"]),
                           st.integers(0, 3), st.integers(0, 2)), max_size=80))
 def test_holder_counts_always_match_the_detached_sessions(
         ops: list[tuple[str, int, int]]) -> None:

@@ -192,6 +192,12 @@ class Backplane(ABC):
         backplane also implements `SharedState`. Read-only; derived from the class."""
         return isinstance(self, SharedState)
 
+    @property
+    def history_bytes(self) -> int | None:
+        """Bytes of stream history this process holds (``wsroom_history_bytes``), or
+        None when the histories live elsewhere (Redis)."""
+        return None
+
     def counters(self) -> Mapping[str, int]:
         """Event counts for metrics (``wsroom_backplane_events_total``), e.g.
         reconnects; none in memory."""

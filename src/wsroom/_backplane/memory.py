@@ -40,8 +40,10 @@ class MemoryBackplane(Backplane):
 
     @property
     def history_bytes(self) -> int:
-        """The summed sizes of every retained frame (counted with a budget only)."""
-        return 0 if self._budget is None else self._budget.used
+        """The summed sizes of every retained frame (what the budget counts)."""
+        if self._budget is not None:
+            return self._budget.used
+        return sum(history.nbytes for history in self._streams.values())
 
     def limit_history(self, max_bytes: int | None) -> None:
         if self._streams:

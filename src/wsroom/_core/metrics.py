@@ -139,7 +139,8 @@ class Metrics:
     sessions_ended: Counter[str] = field(default_factory=Counter)
     """Sessions ended, by reason: ``closed`` (the client left, or a terminal close),
     ``expired`` (no resume within the window), ``evicted`` (``max_detached_sessions``),
-    ``disconnected`` (`Hub.disconnect`), ``shutdown``."""
+    ``address_quota`` (``max_detached_per_ip``), ``member_limit``
+    (``max_sessions_per_member``), ``disconnected`` (`Hub.disconnect`), ``shutdown``."""
     dropped: Counter[str] = field(default_factory=Counter)
     """Messages not delivered or not handled, by reason."""
     queue_depth: Histogram = field(default_factory=lambda: Histogram(_DEPTH_BUCKETS))
