@@ -511,3 +511,157 @@ async def test_shared_state_errors_are_backplane_unavailable(
                 and r.getMessage().startswith(f"redis backplane: {what} failed: ")]
         assert backplane.counters() == before
         assert recorder.events.count(("reannounce",)) == 0
+
+
+# ------------------------------------------------------------------- keys and TTLs
+
+
+async def key_ttls(prefix: str) -> dict[str, int]:
+    """Every key under `prefix`, with its TTL in ms (-1: none)."""
+    import redis
+
+    client = redis.asyncio.Redis.from_url(REDIS_URL, decode_responses=True)
+    try:
+        keys = [key async for key in client.scan_iter(match=f"{prefix}:*", count=1000)]
+        return {key: int(await client.pttl(key)) for key in keys}
+    finally:
+        await client.aclose()
+
+
+async def redis_command(*args: Any) -> Any:
+    import redis
+
+    client = redis.asyncio.Redis.from_url(REDIS_URL, decode_responses=True)
+    try:
+        return await client.execute_command(*args)
+    finally:
+        await client.aclose()
+
+
+def record(session: str, member: str = "ann", rooms: tuple[str, ...] = ("lobby",)
+           ) -> Any:
+    from wsroom import SessionRecord
+
+    return SessionRecord(session, member, 1, (1,), rooms, {"name": member})
+
+
+async def test_a_sessions_keys_live_as_its_record_and_go_when_it_ends(prefix: str) -> None:
+    """The record, the member's session set, the worker's set and the inbox stream
+    (history and meta) all live as long as the session may still be resumed, and are
+    deleted when it ends; the roster entry goes with a single remove."""
+    from wsroom import PresenceOp
+
+    async with backplanes(1, prefix=prefix) as (rec,):
+        bp = rec.backplane
+        state = rec.state
+        inbox = "@inbox/s1"
+        await bp.open(inbox, LIMITS)
+        await bp.open("lobby", LIMITS)
+        assert await state.save_session(record("s1"), 5)
+        await state.announce(PresenceOp("lobby", "attach", "ann", "s1", worker=bp.worker))
+        await bp.publish(inbox, "@inbox", msg_payload("note", 1), limits=LIMITS)
+        await bp.publish("lobby", "lobby", msg_payload("e", 1), limits=LIMITS)
+        ttls = await key_ttls(prefix)
+        p = prefix
+        hold = 120_000 + 60_000  # the default window and the detached margin
+        assert set(ttls) == {f"{p}:sess:s1", f"{p}:member:ann", f"{p}:wsess:{bp.worker}",
+                             f"{p}:{{{inbox}}}:s", f"{p}:{{{inbox}}}:m", f"{p}:pres:lobby",
+                             f"{p}:seq", f"{p}:{{lobby}}:s", f"{p}:{{lobby}}:m"}
+        assert all(ttl >= 0 for ttl in ttls.values()), ttls
+        assert ttls[f"{p}:sess:s1"] <= 5000
+        assert ttls[f"{p}:member:ann"] <= 5000
+        assert ttls[f"{p}:{{{inbox}}}:m"] <= hold  # an inbox never lives for meta_ttl
+        assert ttls[f"{p}:{{{inbox}}}:s"] <= LIMITS.max_age * 1000
+        for key in (f"{p}:wsess:{bp.worker}", f"{p}:pres:lobby", f"{p}:seq"):
+            assert ttls[key] <= hold
+
+        await bp.refresh(["s1"], 5, 2)  # the window is 2 s now
+        hold = 5000 + 60_000
+        ttls = await key_ttls(prefix)
+        assert ttls[f"{p}:workers"] <= hold
+        assert ttls[f"{p}:{{{inbox}}}:m"] <= 5000  # refreshed with the record
+        assert ttls[f"{p}:{{{inbox}}}:s"] <= 5000
+
+        await state.detach_session("s1", 2)
+        ttls = await key_ttls(prefix)
+        keep = 2000 + 60_000  # the window and the margin: the record outlives its due
+        for key in (f"{p}:sess:s1", f"{p}:{{{inbox}}}:m", f"{p}:{{{inbox}}}:s"):
+            assert 5000 < ttls[key] <= keep
+        assert 0 <= ttls[f"{p}:detached"] <= keep
+
+        await bp.close(inbox)
+        await state.end_session("s1")
+        ttls = await key_ttls(prefix)
+        assert set(ttls) == {f"{p}:seq", f"{p}:workers", f"{p}:{{lobby}}:s",
+                             f"{p}:{{lobby}}:m"}
+        assert all(ttl >= 0 for ttl in ttls.values()), ttls
+
+
+async def test_a_roster_read_drops_sessions_whose_record_is_gone(prefix: str) -> None:
+    """A record that expired while no worker could end its session (every worker was
+    down) leaves a ghost in the roster: reading the roster removes it, with exactly one
+    ``remove`` published, and the roster key goes with its last entry."""
+    from wsroom import PresenceOp
+
+    async with backplanes(2, prefix=prefix) as (a, b):
+        await b.backplane.open("lobby", LIMITS)  # b hears the room's roster changes
+        for sid, member in (("s1", "ann"), ("s2", "bob")):
+            assert await a.state.save_session(record(sid, member), 30)
+            await a.state.announce(PresenceOp("lobby", "attach", member, sid,
+                                              worker=a.backplane.worker))
+        await redis_command("DEL", f"{prefix}:sess:s1")  # expired
+        roster = await b.state.roster("lobby")
+        assert [(op.kind, op.session) for op in roster] == [("attach", "s2")]
+        assert await b.state.roster("lobby") == roster  # already gone
+        await b.event("presence", PresenceOp("lobby", "remove", "ann", "s1"))
+        removes = [e for e in b.events if e[0] == "presence"
+                   and e[1].kind == "remove"]  # type: ignore[union-attr]
+        assert len(removes) == 1
+        await redis_command("DEL", f"{prefix}:sess:s2")
+        assert await a.state.roster("lobby") == []
+        assert f"{prefix}:pres:lobby" not in await key_ttls(prefix)
+
+
+async def test_a_roster_entry_without_a_record_is_spared_for_a_grace_period(
+        prefix: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An entry announced before its session's record exists (the hub always saves
+    first; a direct caller of the API may not) is kept for `UNSAVED_GRACE_MS`, then
+    pruned like any entry whose record is gone. A remove always applies."""
+    from wsroom import PresenceOp
+    from wsroom._backplane import redis_state
+
+    async with backplanes(1, prefix=prefix) as (a,):
+        me = a.backplane.worker
+        ann = PresenceOp("lobby", "attach", "ann", "s1", {"name": "Ann"}, worker=me)
+        await a.state.announce(ann)
+        assert await a.state.roster("lobby") == [ann]  # within the grace period
+        monkeypatch.setattr(redis_state, "UNSAVED_GRACE_MS", 0)
+        await anyio.sleep(0.01)
+        assert await a.state.roster("lobby") == []
+        assert f"{prefix}:pres:lobby" not in await key_ttls(prefix)
+        assert await a.state.save_session(record("s1"), 30)
+        await a.state.announce(ann)
+        await redis_command("DEL", f"{prefix}:sess:s1")
+        await a.state.announce(PresenceOp("lobby", "remove", "ann", "s1", worker=me))
+        assert f"{prefix}:pres:lobby" not in await key_ttls(prefix)
+
+
+async def test_a_refresh_prunes_the_rosters_of_the_rooms_open_here(prefix: str) -> None:
+    """A ghost in a room that stays open on a live worker (nobody reloads its roster)
+    goes at the next refresh (the rooms open here are checked in turn), and the
+    roster of a room open here lives on."""
+    from wsroom import PresenceOp
+
+    async with backplanes(1, prefix=prefix) as (a,):
+        bp, me = a.backplane, a.backplane.worker
+        await bp.open("lobby", LIMITS)
+        for sid, member in (("s1", "ann"), ("s2", "bob")):
+            assert await a.state.save_session(record(sid, member), 30)
+            await a.state.announce(PresenceOp("lobby", "attach", member, sid, worker=me))
+        await redis_command("DEL", f"{prefix}:sess:s1")
+        await redis_command("PEXPIRE", f"{prefix}:pres:lobby", 1000)
+        await bp.refresh(["s2"], 30, 2)
+        entries = await redis_command("HKEYS", f"{prefix}:pres:lobby")
+        assert entries == ["s2"]
+        assert (await key_ttls(prefix))[f"{prefix}:pres:lobby"] > 1000  # held here
+        await a.event("presence", PresenceOp("lobby", "remove", "ann", "s1"))

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.parametrize("anyio_backend", ["asyncio"])
 SECRETS = ["s" * 32]
 
 
-def make_hub(prefix: str) -> Hub:
+def make_hub(prefix: str, **config: Any) -> Hub:
     from wsroom.redis import RedisBackplane
 
     async def authenticate(handshake: Handshake) -> Identity:
@@ -34,7 +34,7 @@ def make_hub(prefix: str) -> Hub:
         return Identity(id=name, info={"name": name})
 
     hub = Hub(HubConfig(resume_secrets=SECRETS, ping_interval=5, pong_timeout=5,
-                        connect_rate_per_ip=None),
+                        connect_rate_per_ip=None, **config),
               authenticate=authenticate,
               backplane=RedisBackplane(REDIS_URL, prefix=prefix))
 
@@ -330,3 +330,117 @@ async def test_a_resume_on_the_same_worker_while_changes_wait_is_saved_after_the
         assert await a._membership.outbox.flush(5)
         owners = await a.backplane.session_owners([session_id])
         assert owners == {session_id: a.backplane.worker}
+
+
+# ------------------------------------------------------------------- no ghosts
+
+
+def _keys(prefix: str) -> dict[str, int]:
+    """Every key under `prefix` with its TTL in ms (-1: none)."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL, decode_responses=True)
+    try:
+        return {key: int(client.pttl(key))
+                for key in client.scan_iter(match=f"{prefix}:*", count=1000)}
+    finally:
+        client.close()
+
+
+def _hkeys(key: str) -> list[str]:
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL, decode_responses=True)
+    try:
+        return sorted(client.hkeys(key))
+    finally:
+        client.close()
+
+
+def _crash(hub: Hub) -> None:
+    """The worker is gone for Redis: no refresh, no handover, no ending (SIGKILL)."""
+
+    async def silent(*args: Any) -> Any:
+        return True
+
+    for method in ("refresh", "save_session", "detach_session", "end_session", "announce"):
+        setattr(hub.backplane, method, silent)
+
+
+@pytest.mark.anyio
+async def test_every_worker_gone_past_the_session_ttl_then_a_new_one_shows_no_ghost(
+) -> None:
+    """Every worker dies (no handover), and stays down longer than the sessions'
+    records live: nobody could end them, so the roster in Redis still names them. The
+    first worker that opens the room again drops them: nobody shows online but the
+    newcomer, and the roster key only holds the newcomer."""
+    redis_or_skip()
+    prefix = f"wsroom-test-{secrets.token_hex(4)}"
+    window = 0.5
+    names = [f"m{n}" for n in range(5)]
+    try:
+        async with anyio.create_task_group() as tg:
+            old = make_hub(prefix, resume_window=window)
+            async with old.run():
+                clients = [Client(name) for name in names]
+                for client in clients:
+                    await client.connect(old, tg)
+                await wait_for(lambda: clients[-1].roster() == dict.fromkeys(names,
+                                                                             "online"))
+                assert old._membership.outbox is not None
+                assert await old._membership.outbox.flush(5)
+                _crash(old)
+            # The records live the session TTL (window + 3 refreshes) after the last
+            # refresh; the roster entries outlive them: ghosts, until a worker looks.
+            await wait_for(lambda: not any(":sess:" in key for key in _keys(prefix)),
+                           timeout=15)
+            assert len(_hkeys(f"{prefix}:pres:table")) == 5
+            hold = (window + 60) * 1000  # the window and the detached margin
+            assert 0 <= _keys(prefix)[f"{prefix}:pres:table"] <= hold
+
+            new = make_hub(prefix, resume_window=window)
+            async with new.run():
+                carl = Client("carl")
+                await carl.connect(new, tg)
+                await wait_for(lambda: carl.roster() == {"carl": "online"})
+                assert [e.member for e in new.presence("table")] == ["carl"]
+                assert _hkeys(f"{prefix}:pres:table") == [carl.welcome()["session"]]
+                keys = _keys(prefix)
+                assert all(ttl >= 0 for ttl in keys.values()), keys
+                await wait_for(lambda: f"{prefix}:wsess:{old.backplane.worker}"
+                               not in _keys(prefix), timeout=10)  # reaped
+                assert carl.left() == []  # the ghosts were never shown to carl
+            tg.cancel_scope.cancel()
+    finally:
+        for transport in TRANSPORTS:
+            transport.close_streams()
+        TRANSPORTS.clear()
+        delete_prefix(prefix)
+
+
+@pytest.mark.anyio
+async def test_a_ghost_in_a_room_open_on_a_live_worker_leaves_once_without_a_reload(
+) -> None:
+    """A worker dies and its session's record vanishes before any worker could reap it
+    (here: deleted at once): the room stays open on the other worker, which never
+    reloads its roster. Its refresh checks the rosters of its rooms in turn: the ghost
+    leaves, exactly once."""
+    async with two_workers() as (a, b, tg):
+        ann, bob = Client("ann"), Client("bob")
+        await ann.connect(a, tg)
+        await bob.connect(b, tg)
+        await wait_for(lambda: bob.roster() == {"ann": "online", "bob": "online"})
+        assert a._membership.outbox is not None
+        assert await a._membership.outbox.flush(5)
+        _crash(a)
+        session = ann.welcome()["session"]
+        import redis
+
+        client = redis.Redis.from_url(REDIS_URL)
+        try:
+            client.delete(f"{b.backplane._prefix}:sess:{session}")  # type: ignore[attr-defined]
+        finally:
+            client.close()
+        await wait_for(lambda: bob.roster() == {"bob": "online"}, timeout=10)
+        await anyio.sleep(1.5)  # more refreshes: still one leave
+        assert bob.left() == ["ann"]

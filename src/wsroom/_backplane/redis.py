@@ -363,9 +363,12 @@ class RedisBackplane(Backplane, SharedState):
 
     async def refresh(self, sessions: list[str], ttl: float, window: float) -> None:
         state = self._shared_state()
+        commands, streams, _ = self._parts()
         state.window_ms = max(1, int(window * 1000))
+        rooms = [name for name in streams.names() if inbox_owner(name) is None]
         with self._guard("liveness refresh"):
-            fresh = await state.refresh(sessions, ttl)
+            fresh = await state.refresh(sessions, ttl, rooms)
+        commands.inbox_ttl_ms = state.hold_ms
         if fresh and self._events is not None:
             self._events.reannounce()
 

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from wsroom._core.history import HistoryLimits
+from wsroom._core.sessions import inbox_owner
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -22,8 +23,9 @@ if TYPE_CHECKING:
 __all__ = ["Commands", "Item", "describe", "parse_items"]
 
 # KEYS: stream, meta. ARGV: payload, new epoch, max_messages, max_bytes, max_age_ms,
-# meta_ttl_s, channel, exclude ('' none), key (JSON, '' none), frame size without the
-# epoch and with offset 0 (the stored size is that of the frame the clients get).
+# meta TTL (ms: lengthened to it, never shortened), channel, exclude ('' none), key
+# (JSON, '' none), frame size without the epoch and with offset 0 (the stored size is
+# that of the frame the clients get).
 _PUBLISH = """
 local epoch = redis.call('HGET', KEYS[2], 'e')
 if not epoch then
@@ -53,15 +55,17 @@ while count > 0 do
 end
 redis.call('HSET', KEYS[2], 'a', ARGV[5])
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
-redis.call('EXPIRE', KEYS[2], ARGV[6])
+if redis.call('PTTL', KEYS[2]) < tonumber(ARGV[6]) then
+  redis.call('PEXPIRE', KEYS[2], ARGV[6])
+end
 redis.call('PUBLISH', ARGV[7],
            offset .. '\\n' .. epoch .. '\\n' .. ARGV[8] .. '\\n' .. ARGV[9] .. '\\n' .. ARGV[1])
 return {epoch, offset}
 """
 
-# Ensure the stream exists (a new epoch if its meta is gone), refresh the meta's TTL,
-# and return the entries after ARGV[4] if the epoch is still ARGV[3].
-# KEYS: stream, meta. ARGV: new epoch, meta_ttl_s, expected epoch ('' none), offset.
+# Ensure the stream exists (a new epoch if its meta is gone), refresh the meta's TTL
+# (never shortened), and return the entries after ARGV[4] if the epoch is still ARGV[3].
+# KEYS: stream, meta. ARGV: new epoch, meta TTL (ms), expected epoch ('' none), offset.
 _SYNC = """
 local e = redis.call('HGET', KEYS[2], 'e')
 if not e then
@@ -69,7 +73,9 @@ if not e then
   redis.call('DEL', KEYS[1])
   redis.call('HSET', KEYS[2], 'e', e, 's', 0, 'b', 0)
 end
-redis.call('EXPIRE', KEYS[2], ARGV[2])
+if redis.call('PTTL', KEYS[2]) < tonumber(ARGV[2]) then
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+end
 local s = tonumber(redis.call('HGET', KEYS[2], 's'))
 local off = tonumber(ARGV[4])
 local entries = {}
@@ -102,13 +108,19 @@ Item = tuple[int, str, str, str, str]
 class Commands:
     """Key names and scripted commands of the streams (on the command connection)."""
 
-    __slots__ = ("_client", "_prefix", "_publish", "_since", "_sync", "meta_ttl")
+    __slots__ = ("_client", "_prefix", "_publish", "_since", "_sync", "inbox_ttl_ms",
+                 "meta_ttl")
 
     def __init__(self, client: Redis, prefix: str, meta_ttl: int) -> None:
         self._client = client
         self._prefix = prefix
         self.meta_ttl = meta_ttl
-        """Seconds a stream's meta is kept (refreshed while the stream is open)."""
+        """Seconds a room's meta is kept (refreshed while the room is open)."""
+        self.inbox_ttl_ms = 180_000
+        """Milliseconds an inbox's meta is kept when it is created or published to: the
+        longest a session record lives unrefreshed (`RedisState.hold_ms`, set at each
+        refresh). The session's own scripts give its inbox its record's lifetime, and
+        delete it when it ends."""
         self._publish = client.register_script(_PUBLISH)
         self._sync = client.register_script(_SYNC)
         self._since = client.register_script(_SINCE)
@@ -116,6 +128,12 @@ class Commands:
     def keys(self, stream: str) -> list[str]:
         """The stream's history and meta keys."""
         return [f"{self._prefix}:{{{stream}}}:s", f"{self._prefix}:{{{stream}}}:m"]
+
+    def meta_ttl_ms(self, stream: str) -> int:
+        """The TTL a publish or an open gives the stream's meta (at least)."""
+        if inbox_owner(stream) is not None:
+            return self.inbox_ttl_ms
+        return self.meta_ttl * 1000
 
     def channel(self, stream: str) -> str:
         """The channel the stream's messages are published on."""
@@ -128,7 +146,8 @@ class Commands:
         result = await self._publish(
             keys=self.keys(stream),
             args=[payload, secrets.token_urlsafe(6), limits.max_messages,
-                  limits.max_bytes, max_age_ms, self.meta_ttl, self.channel(stream),
+                  limits.max_bytes, max_age_ms, self.meta_ttl_ms(stream),
+                  self.channel(stream),
                   exclude, key_json, base])
         return str(result[0]), int(result[1])
 
@@ -138,7 +157,7 @@ class Commands:
         and the entries after `offset` if its epoch is still `expected`."""
         result = await self._sync(
             keys=self.keys(stream),
-            args=[secrets.token_urlsafe(6), self.meta_ttl, expected, offset])
+            args=[secrets.token_urlsafe(6), self.meta_ttl_ms(stream), expected, offset])
         return str(result[0]), int(result[1]), list(result[2])
 
     async def since(self, stream: str, offset: int) -> Any:
@@ -147,11 +166,13 @@ class Commands:
         return await self._since(keys=self.keys(stream), args=[offset])
 
     async def touch(self, streams: list[str]) -> None:
-        """Keep the meta (the epoch) of `streams` alive."""
-        if not streams:
+        """Keep the meta (the epoch) of the rooms among `streams` alive (an inbox lives
+        as its session's record: the shared-state scripts keep it)."""
+        rooms = [stream for stream in streams if inbox_owner(stream) is None]
+        if not rooms:
             return
         async with self._client.pipeline(transaction=False) as pipe:
-            for stream in streams:
+            for stream in rooms:
                 pipe.expire(self.keys(stream)[1], self.meta_ttl)
             await pipe.execute()
 

@@ -43,20 +43,67 @@ __all__ = ["PRESENCE_TAG", "RedisState", "parse_control", "parse_op"]
 PRESENCE_TAG = "#p\n"
 """Prefix of a roster change on a room's channel (stream messages start with a digit)."""
 
+# Helpers of every script. `extend` lengthens a key's TTL, never shortens it (a key
+# without TTL, e.g. left by an older version, gets one); `inbox` gives a session's
+# inbox stream (history and meta) the lifetime of its record; `prune` removes from a
+# roster the sessions whose record is gone (expired while no worker could end them),
+# each with one published ``remove``: the HDEL makes exactly one caller announce it.
+# An entry written while its session had no record yet (``t``: when) is spared for
+# `grace` ms (`UNSAVED_GRACE_MS`): the hub always saves a record before it announces,
+# but a caller of the `SharedState` API may announce first (the conformance suite does).
+_HELPERS = """
+local function extend(k, ms)
+  local left = redis.call('PTTL', k)
+  if left ~= -2 and left < tonumber(ms) then redis.call('PEXPIRE', k, ms) end
+end
+local function inbox(P, sid, ms)
+  local base = P .. ':{@inbox/' .. sid .. '}:'
+  redis.call('PEXPIRE', base .. 's', ms)
+  redis.call('PEXPIRE', base .. 'm', ms)
+end
+local function prune(P, room, now, grace)
+  local pk = P .. ':pres:' .. room
+  local gone = 0
+  for _, sid in ipairs(redis.call('HKEYS', pk)) do
+    if redis.call('EXISTS', P .. ':sess:' .. sid) == 0 then
+      local old = redis.call('HGET', pk, sid) or ''
+      local ok, entry = pcall(cjson.decode, string.match(old, '^%d+\\n(.*)$') or '{}')
+      if not ok or type(entry) ~= 'table' then entry = {} end
+      local young = type(entry.t) == 'number' and entry.t > now - grace
+      if not young and redis.call('HDEL', pk, sid) == 1 then
+        gone = gone + 1
+        local m = type(entry.m) == 'string' and entry.m or ''
+        redis.call('PUBLISH', P .. ':c:' .. room, '#p\\n' .. cjson.encode(
+          {room = room, k = 'remove', m = m, s = sid, w = ''}))
+      end
+    end
+  end
+  return gone
+end
+local function clock()
+  local t = redis.call('TIME')
+  return t[1] * 1000 + math.floor(t[2] / 1000)
+end
+"""
+
 # Saving: not if another worker has taken the session over (`o` names the last holder;
 # reaping a dead worker keeps it, so a worker declared dead while it stalled saves again).
-_SAVE = """
+_SAVE = _HELPERS + """
 local P, sid, me = ARGV[1], ARGV[2], ARGV[3]
+local ttl, hold = ARGV[9], ARGV[10]
 local k = P .. ':sess:' .. sid
 local o = redis.call('HGET', k, 'o')
 if o and o ~= '' and o ~= me then return 0 end
 redis.call('HSET', k, 'm', ARGV[4], 'g', ARGV[5], 'a', ARGV[6], 'r', ARGV[7],
            'i', ARGV[8], 'w', me, 'o', me)
-redis.call('PEXPIRE', k, ARGV[9])
-redis.call('SADD', P .. ':wsess:' .. me, sid)
+redis.call('PEXPIRE', k, ttl)
+inbox(P, sid, ttl)
+local wk = P .. ':wsess:' .. me
+redis.call('SADD', wk, sid)
+redis.call('PEXPIRE', wk, hold)
 local mk = P .. ':member:' .. ARGV[4]
 redis.call('SADD', mk, sid)
-redis.call('PEXPIRE', mk, ARGV[9])
+extend(mk, ttl)
 redis.call('ZREM', P .. ':detached', sid)
 return 1
 """
@@ -65,9 +112,9 @@ return 1
 # one it accepts, or newer than it (the record may lag a welcome by milliseconds; only
 # a server mints tokens). The previous holder (live or detached there), if another
 # worker, is told.
-_CLAIM = """
-local P, sid, member, gen, me, ttl = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]),
-  ARGV[5], ARGV[6]
+_CLAIM = _HELPERS + """
+local P, sid, member, gen, me, ttl, hold = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]),
+  ARGV[5], ARGV[6], ARGV[7]
 local k = P .. ':sess:' .. sid
 local f = redis.call('HMGET', k, 'm', 'g', 'a', 'r', 'i', 'w', 'o')
 if not f[1] or f[1] ~= member then return false end
@@ -78,8 +125,12 @@ end
 if not ok then return {'stale'} end
 redis.call('HSET', k, 'w', me, 'o', me)
 redis.call('PEXPIRE', k, ttl)
+inbox(P, sid, ttl)
+extend(P .. ':member:' .. member, ttl)
 redis.call('ZREM', P .. ':detached', sid)
-redis.call('SADD', P .. ':wsess:' .. me, sid)
+local wk = P .. ':wsess:' .. me
+redis.call('SADD', wk, sid)
+redis.call('PEXPIRE', wk, hold)
 -- The worker that held it: live there, or detached there and still kept in memory.
 local old = f[6]
 if not old or old == '' then old = f[7] end
@@ -90,25 +141,31 @@ end
 return {'ok', f[2], f[3], f[4], f[5]}
 """
 
-_DETACH = """
+_DETACH = _HELPERS + """
 local P, sid, me, window, keep = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
 local t = redis.call('TIME')
 local due = t[1] * 1000 + math.floor(t[2] / 1000) + window
 local k = P .. ':sess:' .. sid
-if redis.call('HGET', k, 'w') ~= me then return 0 end
+local f = redis.call('HMGET', k, 'w', 'm')
+if f[1] ~= me then return 0 end
 redis.call('HSET', k, 'w', '')
 redis.call('PEXPIRE', k, keep)
+inbox(P, sid, keep)
+extend(P .. ':member:' .. f[2], keep)
 redis.call('SREM', P .. ':wsess:' .. me, sid)
 redis.call('ZADD', P .. ':detached', due, sid)
+extend(P .. ':detached', keep)
 return 1
 """
 
-# Shared by ending and reaping: remove a session from its rosters and forget it.
-_END_BODY = """
+# Shared by ending and reaping: remove a session from its rosters, delete its inbox
+# stream, and forget it.
+_END_BODY = _HELPERS + """
 local function finish(P, sid, tell)
   local k = P .. ':sess:' .. sid
   local f = redis.call('HMGET', k, 'm', 'r', 'o', 'w')
   redis.call('ZREM', P .. ':detached', sid)
+  redis.call('DEL', P .. ':{@inbox/' .. sid .. '}:s', P .. ':{@inbox/' .. sid .. '}:m')
   if not f[1] then return 0 end
   local ok, rooms = pcall(cjson.decode, f[2])
   if ok then
@@ -159,8 +216,11 @@ end
 return count
 """
 
-_ANNOUNCE = """
-local P, room, sid, kind, op = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+# A roster change. The entry of a session without a record (not saved yet) carries
+# the time it was written (``t``, spliced into the stored JSON; readers ignore it):
+# `prune` spares it for the grace period.
+_ANNOUNCE = _HELPERS + """
+local P, room, sid, kind, op, hold = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local pk = P .. ':pres:' .. room
 local me = cjson.decode(op).w
 local o = redis.call('HGET', P .. ':sess:' .. sid, 'o')
@@ -174,28 +234,61 @@ end
 if kind == 'remove' then
   if redis.call('HDEL', pk, sid) == 0 then return 0 end
 else
-  local n = old and string.match(old, '^(%d+)') or redis.call('INCR', P .. ':seq')
-  redis.call('HSET', pk, sid, n .. '\\n' .. op)
+  local n = old and string.match(old, '^(%d+)')
+  if not n then
+    n = redis.call('INCR', P .. ':seq')
+    redis.call('PEXPIRE', P .. ':seq', hold)
+  end
+  local stored = op
+  if not o then stored = string.sub(op, 1, -2) .. ',"t":' .. clock() .. '}' end
+  redis.call('HSET', pk, sid, n .. '\\n' .. stored)
+  redis.call('PEXPIRE', pk, hold)
 end
 redis.call('PUBLISH', P .. ':c:' .. room, '#p\\n' .. op)
 return 1
 """
 
+# A room's roster, without the sessions whose record is gone (pruned, see `prune`).
+_ROSTER = _HELPERS + """
+prune(ARGV[1], ARGV[2], clock(), tonumber(ARGV[3]))
+return redis.call('HGETALL', ARGV[1] .. ':pres:' .. ARGV[2])
+"""
+
 # Liveness and reaping, run by every worker on each refresh. Returns 1 if this worker
 # was not registered (new, or declared dead while it stalled): it must re-announce.
+# ARGV: P, me, dead_after, window, ttl, hold, the three lists' lengths, the prune
+# grace (ms), then the three lists: this worker's
+# live sessions (their records, member sets and inboxes live `ttl` more), the rooms
+# open here (their rosters live `hold` more) and the rooms to prune now.
 _REFRESH = _END_BODY + """
-local P, me, dead_after, window, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3]),
-  tonumber(ARGV[4]), ARGV[5]
+local P, me, dead_after, window, ttl, hold = ARGV[1], ARGV[2], tonumber(ARGV[3]),
+  tonumber(ARGV[4]), ARGV[5], ARGV[6]
+local ns, nr, np = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
 local t = redis.call('TIME')  -- one clock for every worker
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local fresh = redis.call('ZADD', P .. ':workers', now, me)
-for i = 6, #ARGV do  -- this worker's live sessions, and their members' session sets
-  local k = P .. ':sess:' .. ARGV[i]
+redis.call('PEXPIRE', P .. ':workers', hold)
+redis.call('PEXPIRE', P .. ':wsess:' .. me, hold)
+redis.call('PEXPIRE', P .. ':seq', hold)
+local first = 11
+for i = first, first + ns - 1 do
+  local sid = ARGV[i]
+  local k = P .. ':sess:' .. sid
   if redis.call('PEXPIRE', k, ttl) == 1 then
+    inbox(P, sid, ttl)
     local m = redis.call('HGET', k, 'm')
-    if m then redis.call('PEXPIRE', P .. ':member:' .. m, ttl) end
+    if m then extend(P .. ':member:' .. m, ttl) end
   end
 end
+first = first + ns
+for i = first, first + nr - 1 do
+  redis.call('PEXPIRE', P .. ':pres:' .. ARGV[i], hold)
+end
+first = first + nr
+for i = first, first + np - 1 do
+  prune(P, ARGV[i], now, tonumber(ARGV[10]))
+end
+local keep = window + 60000
 for _, w in ipairs(redis.call('ZRANGEBYSCORE', P .. ':workers', '-inf', now - dead_after)) do
   if redis.call('ZREM', P .. ':workers', w) == 1 then
     local held = P .. ':wsess:' .. w
@@ -204,8 +297,11 @@ for _, w in ipairs(redis.call('ZRANGEBYSCORE', P .. ':workers', '-inf', now - de
       local f = redis.call('HMGET', k, 'w', 'r', 'm', 'i')
       if f[1] == w then
         redis.call('HSET', k, 'w', '')
-        redis.call('PEXPIRE', k, window + 60000)
+        redis.call('PEXPIRE', k, keep)
+        inbox(P, sid, keep)
+        extend(P .. ':member:' .. f[3], keep)
         redis.call('ZADD', P .. ':detached', now + window, sid)
+        extend(P .. ':detached', keep)
         local ok, rooms = pcall(cjson.decode, f[2])
         if ok then
           for _, room in ipairs(rooms) do
@@ -216,6 +312,7 @@ for _, w in ipairs(redis.call('ZRANGEBYSCORE', P .. ':workers', '-inf', now - de
               local op = cjson.encode({room = room, k = 'detach', m = f[3], s = sid,
                                        i = cjson.decode(f[4] or '{}'), w = ''})
               redis.call('HSET', pk, sid, n .. '\\n' .. op)
+              extend(pk, keep)
               redis.call('PUBLISH', P .. ':c:' .. room, '#p\\n' .. op)
             end
           end
@@ -231,6 +328,17 @@ for _, sid in ipairs(redis.call('ZRANGEBYSCORE', P .. ':detached', '-inf', now,
 end
 return fresh
 """
+
+KEEP_MARGIN_MS = 60_000
+"""How long a detached session's record outlives its resume window (so that the worker
+that ends it, or reaps it, still finds it)."""
+
+UNSAVED_GRACE_MS = 30_000
+"""How long a roster entry written before its session's record is spared by `prune`
+(the hub saves first; a direct caller of the API may not)."""
+
+PRUNE_BATCH = 16
+"""Rooms open here whose roster a refresh checks against the session records."""
 
 
 def _json(value: object) -> str:
@@ -282,20 +390,38 @@ class RedisState:
         self._announce = client.register_script(_ANNOUNCE)
         self._refresh = client.register_script(_REFRESH)
         self._disconnect = client.register_script(_DISCONNECT)
+        self._roster = client.register_script(_ROSTER)
         self.window_ms = 120_000
         """The resume window (set by the hub's config through the backplane)."""
+        self.ttl_ms = self.window_ms + 3_000
+        """A live session's record TTL (the last one the hub gave)."""
         self.dead_after_ms = 3_000
+        self._sweep = 0  # where the next refresh's roster check starts among the rooms
+
+    @property
+    def hold_ms(self) -> int:
+        """The longest a key of the shared state lives without a refresh: a live
+        record's TTL, or a detached one's (its window and `KEEP_MARGIN_MS`). Rosters,
+        the worker sets and the arrival counter live this long after the last refresh
+        or change; every session record in them is gone by then."""
+        return max(self.ttl_ms, self.window_ms + KEEP_MARGIN_MS)
+
+    def _ttl(self, ttl: float) -> int:
+        self.ttl_ms = max(1, int(ttl * 1000))
+        return self.ttl_ms
 
     async def save_session(self, record: SessionRecord, ttl: float) -> bool:
+        ttl_ms = self._ttl(ttl)
         return bool(await self._save(args=[
             self._prefix, record.id, self.worker, record.member, record.generation,
             ",".join(map(str, record.accepted)), json.dumps(list(record.rooms)),
-            _json(record.info), max(1, int(ttl * 1000))]))
+            _json(record.info), ttl_ms, self.hold_ms]))
 
     async def claim_session(self, session: str, member: str, generation: int, ttl: float
                             ) -> SessionRecord | None:
+        ttl_ms = self._ttl(ttl)
         result = await self._claim(args=[self._prefix, session, member, generation,
-                                         self.worker, max(1, int(ttl * 1000))])
+                                         self.worker, ttl_ms, self.hold_ms])
         if not result:
             return None
         if result[0] == "stale":
@@ -312,19 +438,20 @@ class RedisState:
 
     async def detach_session(self, session: str, window: float) -> None:
         await self._detach(args=[self._prefix, session, self.worker, int(window * 1000),
-                                 int(window * 1000) + 60_000])
+                                 int(window * 1000) + KEEP_MARGIN_MS])
 
     async def end_session(self, session: str) -> None:
         await self._end(args=[self._prefix, session, self.worker])
 
     async def announce(self, op: PresenceOp) -> None:
         await self._announce(args=[self._prefix, op.room, op.session, op.kind,
-                                   _op_json(op)])
+                                   _op_json(op), self.hold_ms])
 
     async def roster(self, room: str) -> list[PresenceOp]:
-        entries = await self._client.hgetall(f"{self._prefix}:pres:{room}")
+        """The room's roster, after removing the sessions whose record is gone."""
+        flat = await self._roster(args=[self._prefix, room, UNSAVED_GRACE_MS])
         ordered: list[tuple[int, PresenceOp]] = []
-        for value in entries.values():
+        for value in flat[1::2]:
             number, _, data = str(value).partition("\n")
             op = parse_op(data)
             if op is not None and number.isdigit():
@@ -350,12 +477,20 @@ class RedisState:
         found = await self._client.smembers(f"{self._prefix}:member:{member}")
         return sorted(str(sid) for sid in found)
 
-    async def refresh(self, sessions: list[str], ttl: float) -> bool:
-        """Liveness, record TTLs and reaping; True if this worker was not registered
-        (it must re-announce what it holds)."""
-        ttl_ms = max(1, int(ttl * 1000))
-        fresh = await self._refresh(args=[self._prefix, self.worker, self.dead_after_ms,
-                                          self.window_ms, ttl_ms, *sessions])
+    async def refresh(self, sessions: list[str], ttl: float, rooms: list[str]) -> bool:
+        """Liveness, TTLs and reaping; True if this worker was not registered (it must
+        re-announce what it holds). `rooms`: the rooms open here, whose rosters live
+        on; `PRUNE_BATCH` of them (in turn) are checked against the session records."""
+        ttl_ms = self._ttl(ttl)
+        prune: list[str] = []
+        if rooms:
+            start = self._sweep % len(rooms)
+            prune = (rooms[start:] + rooms[:start])[:PRUNE_BATCH]
+            self._sweep = start + len(prune)
+        fresh = await self._refresh(args=[
+            self._prefix, self.worker, self.dead_after_ms, self.window_ms, ttl_ms,
+            self.hold_ms, len(sessions), len(rooms), len(prune), UNSAVED_GRACE_MS,
+            *sessions, *rooms, *prune])
         return bool(fresh)
 
 
