@@ -665,3 +665,33 @@ async def test_a_refresh_prunes_the_rosters_of_the_rooms_open_here(prefix: str) 
         assert entries == ["s2"]
         assert (await key_ttls(prefix))[f"{prefix}:pres:lobby"] > 1000  # held here
         await a.event("presence", PresenceOp("lobby", "remove", "ann", "s1"))
+
+
+async def test_the_roster_sweep_takes_the_open_rooms_in_turn_within_a_budget(
+        prefix: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sweep checks rooms until its budget of roster entries is spent (at least one
+    room, however large), and the next sweep goes on from the next room; a refresh out
+    of `SWEEP_EVERY` sweeps."""
+    from wsroom import PresenceOp
+    from wsroom._backplane import redis_state
+
+    monkeypatch.setattr(redis_state, "PRUNE_BUDGET", 1)
+    async with backplanes(1, prefix=prefix) as (a,):
+        bp, me = a.backplane, a.backplane.worker
+        rooms = ["r0", "r1", "r2"]
+        for n, room in enumerate(rooms):
+            await bp.open(room, LIMITS)
+            assert await a.state.save_session(record(f"s{n}", f"m{n}", (room,)), 30)
+            await a.state.announce(PresenceOp(room, "attach", f"m{n}", f"s{n}", worker=me))
+            await redis_command("DEL", f"{prefix}:sess:s{n}")
+
+        async def left() -> list[str]:
+            return [room for room in rooms if f"{prefix}:pres:{room}" in await key_ttls(prefix)]
+
+        await bp.refresh([], 30, 2)  # sweeps r0 (its one entry spends the budget)
+        assert await left() == ["r1", "r2"]
+        for _ in range(redis_state.SWEEP_EVERY - 1):
+            await bp.refresh([], 30, 2)  # no sweep
+        assert await left() == ["r1", "r2"]
+        await bp.refresh([], 30, 2)
+        assert await left() == ["r2"]

@@ -254,12 +254,14 @@ prune(ARGV[1], ARGV[2], clock(), tonumber(ARGV[3]))
 return redis.call('HGETALL', ARGV[1] .. ':pres:' .. ARGV[2])
 """
 
-# Liveness and reaping, run by every worker on each refresh. Returns 1 if this worker
-# was not registered (new, or declared dead while it stalled): it must re-announce.
+# Liveness and reaping, run by every worker on each refresh. Returns {fresh, pruned}:
+# fresh is 1 if this worker was not registered (new, or declared dead while it
+# stalled): it must re-announce; pruned, how many of the rooms to prune were checked.
 # ARGV: P, me, dead_after, window, ttl, hold, the three lists' lengths, the prune
-# grace (ms), then the three lists: this worker's
-# live sessions (their records, member sets and inboxes live `ttl` more), the rooms
-# open here (their rosters live `hold` more) and the rooms to prune now.
+# grace (ms), the prune budget (roster entries; at least one room is checked), then
+# the three lists: this worker's live sessions (their records, member sets and inboxes
+# live `ttl` more), the rooms open here (their rosters live `hold` more) and the rooms
+# to prune now, in turn.
 _REFRESH = _END_BODY + """
 local P, me, dead_after, window, ttl, hold = ARGV[1], ARGV[2], tonumber(ARGV[3]),
   tonumber(ARGV[4]), ARGV[5], ARGV[6]
@@ -270,7 +272,7 @@ local fresh = redis.call('ZADD', P .. ':workers', now, me)
 redis.call('PEXPIRE', P .. ':workers', hold)
 redis.call('PEXPIRE', P .. ':wsess:' .. me, hold)
 redis.call('PEXPIRE', P .. ':seq', hold)
-local first = 11
+local first = 12
 for i = first, first + ns - 1 do
   local sid = ARGV[i]
   local k = P .. ':sess:' .. sid
@@ -285,8 +287,12 @@ for i = first, first + nr - 1 do
   redis.call('PEXPIRE', P .. ':pres:' .. ARGV[i], hold)
 end
 first = first + nr
+local budget, pruned = tonumber(ARGV[11]), 0
 for i = first, first + np - 1 do
+  if pruned > 0 and budget <= 0 then break end
+  budget = budget - redis.call('HLEN', P .. ':pres:' .. ARGV[i])
   prune(P, ARGV[i], now, tonumber(ARGV[10]))
+  pruned = pruned + 1
 end
 local keep = window + 60000
 for _, w in ipairs(redis.call('ZRANGEBYSCORE', P .. ':workers', '-inf', now - dead_after)) do
@@ -326,7 +332,7 @@ for _, sid in ipairs(redis.call('ZRANGEBYSCORE', P .. ':detached', '-inf', now,
                                 'LIMIT', 0, 1000)) do
   finish(P, sid, true)
 end
-return fresh
+return {fresh, pruned}
 """
 
 KEEP_MARGIN_MS = 60_000
@@ -338,7 +344,15 @@ UNSAVED_GRACE_MS = 30_000
 (the hub saves first; a direct caller of the API may not)."""
 
 PRUNE_BATCH = 16
-"""Rooms open here whose roster a refresh checks against the session records."""
+"""At most this many rooms open here have their roster checked against the session
+records by one sweep..."""
+
+PRUNE_BUDGET = 2_000
+"""...and no more rooms once this many roster entries were checked (at least one room
+is, however large)."""
+
+SWEEP_EVERY = 5
+"""A refresh out of this many sweeps (the first one does)."""
 
 
 def _json(value: object) -> str:
@@ -396,7 +410,8 @@ class RedisState:
         self.ttl_ms = self.window_ms + 3_000
         """A live session's record TTL (the last one the hub gave)."""
         self.dead_after_ms = 3_000
-        self._sweep = 0  # where the next refresh's roster check starts among the rooms
+        self._sweep = 0  # where the next sweep starts among the rooms open here
+        self._refreshes = 0
 
     @property
     def hold_ms(self) -> int:
@@ -480,17 +495,21 @@ class RedisState:
     async def refresh(self, sessions: list[str], ttl: float, rooms: list[str]) -> bool:
         """Liveness, TTLs and reaping; True if this worker was not registered (it must
         re-announce what it holds). `rooms`: the rooms open here, whose rosters live
-        on; `PRUNE_BATCH` of them (in turn) are checked against the session records."""
+        on; every `SWEEP_EVERY` refreshes, some of them (in turn: `PRUNE_BATCH`,
+        `PRUNE_BUDGET`) are checked against the session records."""
         ttl_ms = self._ttl(ttl)
         prune: list[str] = []
-        if rooms:
+        start = 0
+        if rooms and self._refreshes % SWEEP_EVERY == 0:
             start = self._sweep % len(rooms)
             prune = (rooms[start:] + rooms[:start])[:PRUNE_BATCH]
-            self._sweep = start + len(prune)
-        fresh = await self._refresh(args=[
+        self._refreshes += 1
+        fresh, pruned = await self._refresh(args=[
             self._prefix, self.worker, self.dead_after_ms, self.window_ms, ttl_ms,
             self.hold_ms, len(sessions), len(rooms), len(prune), UNSAVED_GRACE_MS,
-            *sessions, *rooms, *prune])
+            PRUNE_BUDGET, *sessions, *rooms, *prune])
+        if prune:
+            self._sweep = start + int(pruned)
         return bool(fresh)
 
 
