@@ -15,6 +15,11 @@ Every stream (a room, or a session's ``@inbox/<id>``) lives in Redis under two k
 - ``<prefix>:{<stream>}:m``, a hash with the stream's epoch (``e``), last offset
   (``s``), retained bytes (``b``) and history age limit (``a``, ms).
 
+A room's history expires ``max_age`` after its last message, its meta ``meta_ttl``
+after its last publish while no worker has the room open. A session's inbox lives as
+the session's record, and is deleted when the session ends (see
+`wsroom._backplane.redis_state`, which lists every key and its lifetime).
+
 A message is numbered, stored, trimmed and published (on the channel
 ``<prefix>:c:<stream>``) by one Lua script, so that an offset is given to exactly one
 message and every worker receives a stream's messages in offset order. Each worker
@@ -93,9 +98,10 @@ class RedisBackplane(Backplane, SharedState):
     Args:
         url: the Redis server (``redis://``, ``rediss://`` or ``unix://``).
         prefix: prefix of every key and channel (several apps can share a Redis).
-        meta_ttl: seconds a stream's epoch and last offset are kept after its last
-            publish (refreshed while some worker has the stream open); its history
-            lasts ``max_age`` (`HistoryLimits`).
+        meta_ttl: seconds a room's epoch and last offset are kept after its last
+            publish (refreshed while some worker has the room open); its history
+            lasts ``max_age`` (`HistoryLimits`). A session's inbox lives as long as
+            the session's record (the resume window after its client left), not this.
         ping_interval: seconds between the PINGs that check the subscriber
             connection.
         ping_timeout: seconds without an answer after which the subscriber

@@ -5,6 +5,10 @@ entries.
 Every stream lives under ``<prefix>:{<stream>}:s`` (its history, entry IDs are the
 offsets) and ``<prefix>:{<stream>}:m`` (epoch, last offset, retained bytes, age limit);
 its messages are published on ``<prefix>:c:<stream>`` (see `wsroom._backplane.redis`).
+The history expires ``max_age`` after its last message. A room's meta lives
+``meta_ttl`` after its last publish or open (and while a worker has it open: `touch`);
+an inbox's meta at most `Commands.inbox_ttl_ms` from here, and then as its session's
+record (`wsroom._backplane.redis_state`). A TTL is only ever lengthened here.
 """
 
 from __future__ import annotations

@@ -1,19 +1,41 @@
 """Sessions and presence shared through Redis (the `RedisBackplane`'s shared state).
 
 Keys (``P`` is the backplane's prefix; standalone Redis only: the scripts compute key
-names, which Redis Cluster does not allow):
+names, which Redis Cluster does not allow). Every key has a TTL or is deleted when its
+session ends; none outlives what it serves. ``ttl`` is a live record's TTL (the resume
+window + 3 refreshes, refreshed every second by its worker), ``keep`` a detached
+record's (its window + `KEEP_MARGIN_MS`), ``hold`` the larger of the two:
 
 - ``P:sess:<sid>``, a hash: the session record (``m`` member, ``g`` generation, ``a``
   accepted generations, ``r`` rooms as JSON, ``i`` member info as JSON, ``w`` the worker
   holding it, ``''`` while detached, ``o`` the last worker that held it). It lives
-  ``ttl`` seconds after its worker's last refresh while live, ``window`` seconds after
-  its detach.
+  ``ttl`` after its worker's last refresh while live, ``keep`` after its detach (or
+  its worker's death); deleted when the session ends. There is no token key: a resume
+  token's generation is checked against this record, and a token whose session is gone
+  just gets a new session.
+- ``P:{@inbox/<sid>}:s`` and ``:m``, the session's inbox stream (see
+  `wsroom._backplane.redis_commands`): they get the record's TTL with it (save, claim,
+  refresh, detach, reaping), at most ``hold`` when created or published to, and are
+  deleted when the session ends. (The history also expires ``max_age`` after its last
+  message.)
 - ``P:member:<id>``, a set: the member's sessions (for `Hub.send_to` on any worker).
-- ``P:wsess:<worker>``, a set: the sessions a worker holds live.
-- ``P:workers``, a sorted set: workers by their last refresh (ms).
-- ``P:detached``, a sorted set: detached sessions by the time they end (ms).
-- ``P:pres:<room>``, a hash: the room's roster, session id -> ``<arrival>\\n<op JSON>``;
-  ``P:seq`` numbers arrivals.
+  Its TTL is lengthened to that of each record added or refreshed (never shortened);
+  a session is removed when it ends, and the empty set goes.
+- ``P:wsess:<worker>``, a set: the sessions a worker holds live. ``hold`` after the
+  worker's last refresh or save; deleted when a worker reaps it.
+- ``P:workers``, a sorted set: workers by their last refresh (ms). ``hold`` after the
+  last refresh of any worker; a dead worker's entry is removed by the one that reaps it.
+- ``P:detached``, a sorted set: detached sessions by the time they end (ms). Its TTL
+  is lengthened to ``keep`` at each detach (it outlives every due time in it); entries
+  go when their session ends.
+- ``P:pres:<room>``, a hash: the room's roster, session id -> ``<arrival>\\n<op JSON>``.
+  ``hold`` after its last change, and after each refresh of a worker that has the room
+  open; an entry goes when its session leaves the room or ends, or, if the session's
+  record is gone (expired while no worker could end it), when a worker reads the roster
+  (`roster`: on a room's first load, after a reconnection) or sweeps the rooms it has
+  open (every `SWEEP_EVERY` refreshes, in turn). An empty roster is deleted.
+- ``P:seq``, a counter: numbers arrivals. ``hold`` after the last arrival or refresh
+  (so it outlives every roster).
 
 Roster changes are published on the room's stream channel as ``#p\\n<op JSON>`` (the
 stream reader hands them to `handle_presence`); control messages to one worker on its
@@ -22,7 +44,10 @@ own channel (``moved\\n<sid>``, ``ended\\n<sid>``).
 A worker that has not refreshed for `dead_after` seconds is dead: the first worker to
 notice (an atomic ``ZREM``) turns its live sessions into detached ones (their members
 show *away*) that end after the resume window unless a client resumes them elsewhere.
-Ending a session removes it from every roster it was in (one ``remove`` each).
+Ending a session removes it from every roster it was in (one ``remove`` each), and so
+does pruning a session whose record expired (every worker was down longer than the
+records live): the ``HDEL`` in a script decides who announces it, so a member leaves
+exactly once.
 """
 
 from __future__ import annotations
