@@ -649,20 +649,25 @@ async def test_a_roster_entry_without_a_record_is_spared_for_a_grace_period(
 async def test_a_refresh_prunes_the_rosters_of_the_rooms_open_here(prefix: str) -> None:
     """A ghost in a room that stays open on a live worker (nobody reloads its roster)
     goes at the next refresh (the rooms open here are checked in turn), and the
-    roster of a room open here lives on."""
+    roster of a room open here lives on. A session that a live worker still holds
+    live keeps its entry even if its record vanished."""
     from wsroom import PresenceOp
 
     async with backplanes(1, prefix=prefix) as (a,):
         bp, me = a.backplane, a.backplane.worker
         await bp.open("lobby", LIMITS)
-        for sid, member in (("s1", "ann"), ("s2", "bob")):
+        for sid, member in (("s1", "ann"), ("s2", "bob"), ("s3", "cid")):
             assert await a.state.save_session(record(sid, member), 30)
             await a.state.announce(PresenceOp("lobby", "attach", member, sid, worker=me))
-        await redis_command("DEL", f"{prefix}:sess:s1")
+        await a.state.detach_session("s1", 2)
+        await redis_command("DEL", f"{prefix}:sess:s1")  # detached, then expired
+        # Live here, and this worker alive: kept even without its record (a stall
+        # longer than the record's TTL; the worker saves it again).
+        await redis_command("DEL", f"{prefix}:sess:s3")
         await redis_command("PEXPIRE", f"{prefix}:pres:lobby", 1000)
-        await bp.refresh(["s2"], 30, 2)
+        await bp.refresh(["s2", "s3"], 30, 2)
         entries = await redis_command("HKEYS", f"{prefix}:pres:lobby")
-        assert entries == ["s2"]
+        assert sorted(entries) == ["s2", "s3"]
         assert (await key_ttls(prefix))[f"{prefix}:pres:lobby"] > 1000  # held here
         await a.event("presence", PresenceOp("lobby", "remove", "ann", "s1"))
 
@@ -683,6 +688,7 @@ async def test_the_roster_sweep_takes_the_open_rooms_in_turn_within_a_budget(
             await bp.open(room, LIMITS)
             assert await a.state.save_session(record(f"s{n}", f"m{n}", (room,)), 30)
             await a.state.announce(PresenceOp(room, "attach", f"m{n}", f"s{n}", worker=me))
+            await a.state.detach_session(f"s{n}", 2)
             await redis_command("DEL", f"{prefix}:sess:s{n}")
 
         async def left() -> list[str]:

@@ -73,9 +73,12 @@ PRESENCE_TAG = "#p\n"
 # inbox stream (history and meta) the lifetime of its record; `prune` removes from a
 # roster the sessions whose record is gone (expired while no worker could end them),
 # each with one published ``remove``: the HDEL makes exactly one caller announce it.
-# An entry written while its session had no record yet (``t``: when) is spared for
+# Spared: an entry written while its session had no record yet (``t``: when), for
 # `grace` ms (`UNSAVED_GRACE_MS`): the hub always saves a record before it announces,
-# but a caller of the `SharedState` API may announce first (the conformance suite does).
+# but a caller of the `SharedState` API may announce first (the conformance suite
+# does); and the entry of a session that the worker which wrote it still holds live,
+# that worker being alive (it refreshed within `dead_after`): a worker that stalled
+# longer than its records live keeps its sessions, and saves them again.
 _HELPERS = """
 local function extend(k, ms)
   local left = redis.call('PTTL', k)
@@ -86,7 +89,13 @@ local function inbox(P, sid, ms)
   redis.call('PEXPIRE', base .. 's', ms)
   redis.call('PEXPIRE', base .. 'm', ms)
 end
-local function prune(P, room, now, grace)
+local function held(P, sid, w, now, dead_after)
+  if type(w) ~= 'string' or w == '' then return false end
+  local seen = redis.call('ZSCORE', P .. ':workers', w)
+  return seen ~= false and tonumber(seen) >= now - dead_after
+    and redis.call('SISMEMBER', P .. ':wsess:' .. w, sid) == 1
+end
+local function prune(P, room, now, grace, dead_after)
   local pk = P .. ':pres:' .. room
   local gone = 0
   for _, sid in ipairs(redis.call('HKEYS', pk)) do
@@ -95,7 +104,8 @@ local function prune(P, room, now, grace)
       local ok, entry = pcall(cjson.decode, string.match(old, '^%d+\\n(.*)$') or '{}')
       if not ok or type(entry) ~= 'table' then entry = {} end
       local young = type(entry.t) == 'number' and entry.t > now - grace
-      if not young and redis.call('HDEL', pk, sid) == 1 then
+      if not young and not held(P, sid, entry.w, now, dead_after)
+          and redis.call('HDEL', pk, sid) == 1 then
         gone = gone + 1
         local m = type(entry.m) == 'string' and entry.m or ''
         redis.call('PUBLISH', P .. ':c:' .. room, '#p\\n' .. cjson.encode(
@@ -275,7 +285,7 @@ return 1
 
 # A room's roster, without the sessions whose record is gone (pruned, see `prune`).
 _ROSTER = _HELPERS + """
-prune(ARGV[1], ARGV[2], clock(), tonumber(ARGV[3]))
+prune(ARGV[1], ARGV[2], clock(), tonumber(ARGV[3]), tonumber(ARGV[4]))
 return redis.call('HGETALL', ARGV[1] .. ':pres:' .. ARGV[2])
 """
 
@@ -312,13 +322,6 @@ for i = first, first + nr - 1 do
   redis.call('PEXPIRE', P .. ':pres:' .. ARGV[i], hold)
 end
 first = first + nr
-local budget, pruned = tonumber(ARGV[11]), 0
-for i = first, first + np - 1 do
-  if pruned > 0 and budget <= 0 then break end
-  budget = budget - redis.call('HLEN', P .. ':pres:' .. ARGV[i])
-  prune(P, ARGV[i], now, tonumber(ARGV[10]))
-  pruned = pruned + 1
-end
 local keep = window + 60000
 for _, w in ipairs(redis.call('ZRANGEBYSCORE', P .. ':workers', '-inf', now - dead_after)) do
   if redis.call('ZREM', P .. ':workers', w) == 1 then
@@ -356,6 +359,14 @@ end
 for _, sid in ipairs(redis.call('ZRANGEBYSCORE', P .. ':detached', '-inf', now,
                                 'LIMIT', 0, 1000)) do
   finish(P, sid, true)
+end
+-- Last, once the dead workers are reaped: the sweep of some rosters.
+local budget, pruned = tonumber(ARGV[11]), 0
+for i = first, first + np - 1 do
+  if pruned > 0 and budget <= 0 then break end
+  budget = budget - redis.call('HLEN', P .. ':pres:' .. ARGV[i])
+  prune(P, ARGV[i], now, tonumber(ARGV[10]), dead_after)
+  pruned = pruned + 1
 end
 return {fresh, pruned}
 """
@@ -489,7 +500,8 @@ class RedisState:
 
     async def roster(self, room: str) -> list[PresenceOp]:
         """The room's roster, after removing the sessions whose record is gone."""
-        flat = await self._roster(args=[self._prefix, room, UNSAVED_GRACE_MS])
+        flat = await self._roster(args=[self._prefix, room, UNSAVED_GRACE_MS,
+                                        self.dead_after_ms])
         ordered: list[tuple[int, PresenceOp]] = []
         for value in flat[1::2]:
             number, _, data = str(value).partition("\n")
