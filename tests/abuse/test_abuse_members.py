@@ -208,14 +208,25 @@ async def test_one_credential_over_twenty_connections_shares_one_rate() -> None:
         closes = []
 
         async def flood(n: int) -> None:
-            async with player(url, "player:mallory", n) as p, p.reading():
-                with anyio.move_on_after(duration):
+            async with player(url, "player:mallory", n) as p:
+                async def read() -> None:
+                    with contextlib.suppress(ConnectionClosed):
+                        while True:
+                            await p.frame()
+
+                async def spam() -> None:
                     try:
                         while True:
                             await p.send("chat", "spam")
                             await anyio.sleep(0.001)
                     except ConnectionClosed as closed:  # out of patience: 3013
                         closes.append(closed.code)
+
+                with anyio.move_on_after(duration):
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(read)
+                        await spam()
+                        tg.cancel_scope.cancel()
 
         # A witness in the lobby throughout (the room and its offsets live on).
         async with player(url, "player:witness", 248) as witness, witness.reading():
