@@ -701,3 +701,21 @@ async def test_the_roster_sweep_takes_the_open_rooms_in_turn_within_a_budget(
         assert await left() == ["r1", "r2"]
         await bp.refresh([], 30, 2)
         assert await left() == ["r2"]
+
+
+async def test_a_lost_record_of_a_live_session_makes_the_worker_announce_again(
+        prefix: str) -> None:
+    """A record this worker saved for a session it still holds live is gone (it
+    expired while the worker stalled, or Redis lost its data): the refresh asks the
+    hub to announce everything again (which saves it again). A session not saved yet
+    (its welcome's save still queued) does not."""
+    async with backplanes(1, prefix=prefix) as (a,):
+        bp = a.backplane
+        assert await a.state.save_session(record("s1"), 30)
+        await bp.refresh(["s1", "s2"], 30, 2)  # new worker: announces once
+        assert a.events.count(("reannounce",)) == 1
+        await bp.refresh(["s1", "s2"], 30, 2)  # s2 was never saved: nothing lost
+        assert a.events.count(("reannounce",)) == 1
+        await redis_command("DEL", f"{prefix}:sess:s1")
+        await bp.refresh(["s1", "s2"], 30, 2)
+        assert a.events.count(("reannounce",)) == 2

@@ -444,3 +444,34 @@ async def test_a_ghost_in_a_room_open_on_a_live_worker_leaves_once_without_a_rel
         await wait_for(lambda: bob.roster() == {"bob": "online"}, timeout=10)
         await anyio.sleep(1.5)  # more refreshes: still one leave
         assert bob.left() == ["ann"]
+
+
+@pytest.mark.anyio
+async def test_a_live_session_whose_record_expired_is_saved_again_and_never_leaves(
+) -> None:
+    """A worker that stalled longer than its records live (here: ann's record deleted)
+    finds at its next refresh that a live session's record is gone: it saves it again,
+    and meanwhile the other worker's roster sweep spares ann (her worker is alive and
+    holds her live): Bob never sees her leave."""
+    async with two_workers() as (a, b, tg):
+        ann, bob = Client("ann"), Client("bob")
+        await ann.connect(a, tg)
+        await bob.connect(b, tg)
+        await wait_for(lambda: bob.roster() == {"ann": "online", "bob": "online"})
+        assert a._membership.outbox is not None
+        assert await a._membership.outbox.flush(5)
+        session = ann.welcome()["session"]
+        import redis
+
+        client = redis.Redis.from_url(REDIS_URL)
+        try:
+            client.delete(f"{a.backplane._prefix}:sess:{session}")  # type: ignore[attr-defined]
+            await wait_for(lambda: client.exists(
+                f"{a.backplane._prefix}:sess:{session}") == 1,  # type: ignore[attr-defined]
+                timeout=5)
+        finally:
+            client.close()
+        assert await b.backplane.session_owners([session]) == {session: a.backplane.worker}
+        await anyio.sleep(6)  # a sweep of B's rooms (every 5 refreshes) went by
+        assert bob.roster() == {"ann": "online", "bob": "online"}
+        assert bob.left() == []

@@ -53,6 +53,7 @@ exactly once.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -64,6 +65,8 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
 
 __all__ = ["PRESENCE_TAG", "RedisState", "parse_control", "parse_op"]
+
+log = logging.getLogger("wsroom.redis")
 
 PRESENCE_TAG = "#p\n"
 """Prefix of a roster change on a room's channel (stream messages start with a digit)."""
@@ -289,9 +292,10 @@ prune(ARGV[1], ARGV[2], clock(), tonumber(ARGV[3]), tonumber(ARGV[4]))
 return redis.call('HGETALL', ARGV[1] .. ':pres:' .. ARGV[2])
 """
 
-# Liveness and reaping, run by every worker on each refresh. Returns {fresh, pruned}:
-# fresh is 1 if this worker was not registered (new, or declared dead while it
-# stalled): it must re-announce; pruned, how many of the rooms to prune were checked.
+# Liveness and reaping, run by every worker on each refresh. Returns {fresh, pruned,
+# missing}: fresh is 1 if this worker was not registered (new, or declared dead while
+# it stalled): it must re-announce; pruned, how many of the rooms to prune were
+# checked; missing, the live sessions given whose record does not exist.
 # ARGV: P, me, dead_after, window, ttl, hold, the three lists' lengths, the prune
 # grace (ms), the prune budget (roster entries; at least one room is checked), then
 # the three lists: this worker's live sessions (their records, member sets and inboxes
@@ -307,7 +311,7 @@ local fresh = redis.call('ZADD', P .. ':workers', now, me)
 redis.call('PEXPIRE', P .. ':workers', hold)
 redis.call('PEXPIRE', P .. ':wsess:' .. me, hold)
 redis.call('PEXPIRE', P .. ':seq', hold)
-local first = 12
+local first, missing = 12, {}
 for i = first, first + ns - 1 do
   local sid = ARGV[i]
   local k = P .. ':sess:' .. sid
@@ -315,6 +319,8 @@ for i = first, first + ns - 1 do
     inbox(P, sid, ttl)
     local m = redis.call('HGET', k, 'm')
     if m then extend(P .. ':member:' .. m, ttl) end
+  else
+    missing[#missing + 1] = sid
   end
 end
 first = first + ns
@@ -368,7 +374,7 @@ for i = first, first + np - 1 do
   prune(P, ARGV[i], now, tonumber(ARGV[10]), dead_after)
   pruned = pruned + 1
 end
-return {fresh, pruned}
+return {fresh, pruned, missing}
 """
 
 KEEP_MARGIN_MS = 60_000
@@ -446,6 +452,7 @@ class RedisState:
         self.ttl_ms = self.window_ms + 3_000
         """A live session's record TTL (the last one the hub gave)."""
         self.dead_after_ms = 3_000
+        self._saved: set[str] = set()  # live sessions whose record this worker wrote
         self._sweep = 0  # where the next sweep starts among the rooms open here
         self._refreshes = 0
 
@@ -463,10 +470,13 @@ class RedisState:
 
     async def save_session(self, record: SessionRecord, ttl: float) -> bool:
         ttl_ms = self._ttl(ttl)
-        return bool(await self._save(args=[
+        saved = bool(await self._save(args=[
             self._prefix, record.id, self.worker, record.member, record.generation,
             ",".join(map(str, record.accepted)), json.dumps(list(record.rooms)),
             _json(record.info), ttl_ms, self.hold_ms]))
+        if saved:
+            self._saved.add(record.id)
+        return saved
 
     async def claim_session(self, session: str, member: str, generation: int, ttl: float
                             ) -> SessionRecord | None:
@@ -477,6 +487,7 @@ class RedisState:
             return None
         if result[0] == "stale":
             raise StaleSession(session)
+        self._saved.add(session)
         _, g, accepted, rooms, info = result
         try:
             room_list = tuple(str(room) for room in json.loads(rooms or "[]"))
@@ -488,10 +499,12 @@ class RedisState:
                              room_list, info_map if isinstance(info_map, dict) else {})
 
     async def detach_session(self, session: str, window: float) -> None:
+        self._saved.discard(session)
         await self._detach(args=[self._prefix, session, self.worker, int(window * 1000),
                                  int(window * 1000) + KEEP_MARGIN_MS])
 
     async def end_session(self, session: str) -> None:
+        self._saved.discard(session)
         await self._end(args=[self._prefix, session, self.worker])
 
     async def announce(self, op: PresenceOp) -> None:
@@ -530,10 +543,11 @@ class RedisState:
         return sorted(str(sid) for sid in found)
 
     async def refresh(self, sessions: list[str], ttl: float, rooms: list[str]) -> bool:
-        """Liveness, TTLs and reaping; True if this worker was not registered (it must
-        re-announce what it holds). `rooms`: the rooms open here, whose rosters live
-        on; every `SWEEP_EVERY` refreshes, some of them (in turn: `PRUNE_BATCH`,
-        `PRUNE_BUDGET`) are checked against the session records."""
+        """Liveness, TTLs and reaping; True if this worker must announce what it holds
+        again: it was not registered, or records it wrote for live sessions are gone.
+        `rooms`: the rooms open here, whose rosters live on; every `SWEEP_EVERY`
+        refreshes, some of them (in turn: `PRUNE_BATCH`, `PRUNE_BUDGET`) are checked
+        against the session records."""
         ttl_ms = self._ttl(ttl)
         prune: list[str] = []
         start = 0
@@ -541,13 +555,22 @@ class RedisState:
             start = self._sweep % len(rooms)
             prune = (rooms[start:] + rooms[:start])[:PRUNE_BATCH]
         self._refreshes += 1
-        fresh, pruned = await self._refresh(args=[
+        fresh, pruned, missing = await self._refresh(args=[
             self._prefix, self.worker, self.dead_after_ms, self.window_ms, ttl_ms,
             self.hold_ms, len(sessions), len(rooms), len(prune), UNSAVED_GRACE_MS,
             PRUNE_BUDGET, *sessions, *rooms, *prune])
         if prune:
             self._sweep = start + int(pruned)
-        return bool(fresh)
+        # A record this worker wrote for a session it still holds live is gone: it
+        # expired while the worker stalled, or Redis lost its data. Announcing
+        # everything again saves it again (and its roster entries).
+        live = set(sessions)
+        lost = sum(1 for sid in missing if sid in self._saved)
+        self._saved &= live
+        if lost:
+            log.warning("redis backplane: the records of %d live session(s) were lost; "
+                        "saving and announcing them again", lost)
+        return bool(fresh) or lost > 0
 
 
 def parse_control(data: str) -> tuple[str, str, int, str] | None:
