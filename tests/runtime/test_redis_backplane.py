@@ -569,18 +569,21 @@ async def test_a_sessions_keys_live_as_its_record_and_go_when_it_ends(prefix: st
                              f"{p}:seq", f"{p}:{{lobby}}:s", f"{p}:{{lobby}}:m"}
         assert all(ttl >= 0 for ttl in ttls.values()), ttls
         assert ttls[f"{p}:sess:s1"] <= 5000
-        assert ttls[f"{p}:member:ann"] <= 5000
-        assert ttls[f"{p}:{{{inbox}}}:m"] <= hold  # an inbox never lives for meta_ttl
+        # An inbox never lives for meta_ttl: at most hold, and not less than its record.
+        for key in (f"{p}:member:ann", f"{p}:{{{inbox}}}:m"):
+            assert 5000 <= ttls[key] <= hold
         assert ttls[f"{p}:{{{inbox}}}:s"] <= LIMITS.max_age * 1000
         for key in (f"{p}:wsess:{bp.worker}", f"{p}:pres:lobby", f"{p}:seq"):
             assert ttls[key] <= hold
 
+        await redis_command("PEXPIRE", f"{p}:{{{inbox}}}:m", 6000)
+        await redis_command("PEXPIRE", f"{p}:{{{inbox}}}:s", 6000)
         await bp.refresh(["s1"], 5, 2)  # the window is 2 s now
-        hold = 5000 + 60_000
+        hold = 2000 + 60_000
         ttls = await key_ttls(prefix)
         assert ttls[f"{p}:workers"] <= hold
-        assert ttls[f"{p}:{{{inbox}}}:m"] <= 5000  # refreshed with the record
-        assert ttls[f"{p}:{{{inbox}}}:s"] <= 5000
+        for key in (f"{p}:member:ann", f"{p}:{{{inbox}}}:m", f"{p}:{{{inbox}}}:s"):
+            assert 6000 < ttls[key] <= hold  # refreshed with the record
 
         await state.detach_session("s1", 2)
         ttls = await key_ttls(prefix)
@@ -719,3 +722,31 @@ async def test_a_lost_record_of_a_live_session_makes_the_worker_announce_again(
         await redis_command("DEL", f"{prefix}:sess:s1")
         await bp.refresh(["s1", "s2"], 30, 2)
         assert a.events.count(("reannounce",)) == 2
+
+
+async def test_live_sessions_inboxes_are_lengthened_a_slice_per_refresh(
+        prefix: str) -> None:
+    """The inboxes and member sets of live sessions get the hold TTL a slice of the
+    sessions per refresh, so that each gets it within a quarter of (hold - ttl): no
+    refresh touches them all, and none lives shorter than its record."""
+    async with backplanes(1, prefix=prefix) as (a,):
+        bp = a.backplane
+        sids = [f"s{n}" for n in range(40)]
+        for sid in sids:
+            assert await a.state.save_session(record(sid, f"m-{sid}"), 5)
+            await redis_command("HSET", f"{prefix}:{{@inbox/{sid}}}:m", "e", "x")
+            await redis_command("PEXPIRE", f"{prefix}:{{@inbox/{sid}}}:m", 6000)
+        clock = [1_000_000]
+        bp._state._now_ms = lambda: clock[0]  # type: ignore[attr-defined]
+        rounds = ((2000 + 60_000 - 5000) // 4) // 1000  # 14 refreshes, 1 s apart
+        lengthened: list[int] = []
+        for _ in range(rounds):
+            clock[0] += 1000
+            await bp.refresh(sids, 5, 2)
+            ttls = await key_ttls(prefix)
+            lengthened.append(sum(ttls[f"{prefix}:{{@inbox/{sid}}}:m"] > 6000
+                                  for sid in sids))
+        assert lengthened[0] <= -(-len(sids) // rounds) + 1
+        assert lengthened[-1] == len(sids)
+        ttls = await key_ttls(prefix)
+        assert all(ttls[f"{prefix}:member:m-{sid}"] > 5000 for sid in sids)

@@ -14,13 +14,14 @@ record's (its window + `KEEP_MARGIN_MS`), ``hold`` the larger of the two:
   token's generation is checked against this record, and a token whose session is gone
   just gets a new session.
 - ``P:{@inbox/<sid>}:s`` and ``:m``, the session's inbox stream (see
-  `wsroom._backplane.redis_commands`): they get the record's TTL with it (save, claim,
-  refresh, detach, reaping), at most ``hold`` when created or published to, and are
-  deleted when the session ends. (The history also expires ``max_age`` after its last
+  `wsroom._backplane.redis_commands`): ``hold`` from a save, a claim, a creation or a
+  message, and while live from its worker's refreshes (each inbox within a quarter of
+  ``hold - ttl``: they always outlive the record); ``keep`` from a detach; deleted
+  when the session ends. (The history also expires ``max_age`` after its last
   message.)
 - ``P:member:<id>``, a set: the member's sessions (for `Hub.send_to` on any worker).
-  Its TTL is lengthened to that of each record added or refreshed (never shortened);
-  a session is removed when it ends, and the empty set goes.
+  ``hold`` as the inboxes (never shortened by a save or a detach); a session is
+  removed when it ends, and the empty set goes.
 - ``P:wsess:<worker>``, a set: the sessions a worker holds live. ``hold`` after the
   worker's last refresh or save; deleted when a worker reaps it.
 - ``P:workers``, a sorted set: workers by their last refresh (ms). ``hold`` after the
@@ -135,13 +136,13 @@ if o and o ~= '' and o ~= me then return 0 end
 redis.call('HSET', k, 'm', ARGV[4], 'g', ARGV[5], 'a', ARGV[6], 'r', ARGV[7],
            'i', ARGV[8], 'w', me, 'o', me)
 redis.call('PEXPIRE', k, ttl)
-inbox(P, sid, ttl)
+inbox(P, sid, hold)
 local wk = P .. ':wsess:' .. me
 redis.call('SADD', wk, sid)
 redis.call('PEXPIRE', wk, hold)
 local mk = P .. ':member:' .. ARGV[4]
 redis.call('SADD', mk, sid)
-extend(mk, ttl)
+extend(mk, hold)
 redis.call('ZREM', P .. ':detached', sid)
 return 1
 """
@@ -163,8 +164,8 @@ end
 if not ok then return {'stale'} end
 redis.call('HSET', k, 'w', me, 'o', me)
 redis.call('PEXPIRE', k, ttl)
-inbox(P, sid, ttl)
-extend(P .. ':member:' .. member, ttl)
+inbox(P, sid, hold)
+extend(P .. ':member:' .. member, hold)
 redis.call('ZREM', P .. ':detached', sid)
 local wk = P .. ':wsess:' .. me
 redis.call('SADD', wk, sid)
@@ -297,30 +298,31 @@ return redis.call('HGETALL', ARGV[1] .. ':pres:' .. ARGV[2])
 # it stalled): it must re-announce; pruned, how many of the rooms to prune were
 # checked; missing, the live sessions given whose record does not exist.
 # ARGV: P, me, dead_after, window, ttl, hold, the three lists' lengths, the prune
-# grace (ms), the prune budget (roster entries; at least one room is checked), then
-# the three lists: this worker's live sessions (their records, member sets and inboxes
-# live `ttl` more), the rooms open here (their rosters live `hold` more) and the rooms
-# to prune now, in turn.
+# grace (ms), the prune budget (roster entries; at least one room is checked), how
+# many of the sessions come first for a long refresh, then the three lists: this
+# worker's live sessions (their records live `ttl` more; for the first ones, their
+# member sets and inboxes `hold` more: see `RedisState.refresh`), the rooms open here
+# (their rosters live `hold` more) and the rooms to prune now, in turn.
 _REFRESH = _END_BODY + """
 local P, me, dead_after, window, ttl, hold = ARGV[1], ARGV[2], tonumber(ARGV[3]),
   tonumber(ARGV[4]), ARGV[5], ARGV[6]
 local ns, nr, np = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
+local nl = tonumber(ARGV[12])
 local t = redis.call('TIME')  -- one clock for every worker
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local fresh = redis.call('ZADD', P .. ':workers', now, me)
 redis.call('PEXPIRE', P .. ':workers', hold)
 redis.call('PEXPIRE', P .. ':wsess:' .. me, hold)
 redis.call('PEXPIRE', P .. ':seq', hold)
-local first, missing = 12, {}
+local first, missing = 13, {}
 for i = first, first + ns - 1 do
   local sid = ARGV[i]
   local k = P .. ':sess:' .. sid
-  if redis.call('PEXPIRE', k, ttl) == 1 then
-    inbox(P, sid, ttl)
-    local m = redis.call('HGET', k, 'm')
-    if m then extend(P .. ':member:' .. m, ttl) end
-  else
+  if redis.call('PEXPIRE', k, ttl) == 0 then
     missing[#missing + 1] = sid
+  elseif i < first + nl then
+    inbox(P, sid, hold)
+    redis.call('PEXPIRE', P .. ':member:' .. redis.call('HGET', k, 'm'), hold)
   end
 end
 first = first + ns
@@ -455,6 +457,8 @@ class RedisState:
         self._saved: set[str] = set()  # live sessions whose record this worker wrote
         self._sweep = 0  # where the next sweep starts among the rooms open here
         self._refreshes = 0
+        self._last_at: int | None = None  # when the last refresh was (now_ms)
+        self._cycle = 0  # where the next slice of long-refreshed sessions starts
 
     @property
     def hold_ms(self) -> int:
@@ -555,10 +559,22 @@ class RedisState:
             start = self._sweep % len(rooms)
             prune = (rooms[start:] + rooms[:start])[:PRUNE_BATCH]
         self._refreshes += 1
+        # The inboxes and member sets of live sessions get `hold` (more than their
+        # records' `ttl`), each within a quarter of the difference: a slice of the
+        # sessions per refresh, in turn, so that no refresh does them all (fewer
+        # commands, no spike), and they never live shorter than the records.
+        hold_ms, now = self.hold_ms, self._now_ms()
+        interval = max(1, now - self._last_at) if self._last_at is not None else 1000
+        self._last_at = now
+        rounds = max(1, ((hold_ms - ttl_ms) // 4) // interval)
+        chunk = -(-len(sessions) // rounds)  # ceil
+        at = self._cycle % len(sessions) if sessions else 0
+        ordered = sessions[at:] + sessions[:at]
+        self._cycle = at + chunk
         fresh, pruned, missing = await self._refresh(args=[
             self._prefix, self.worker, self.dead_after_ms, self.window_ms, ttl_ms,
-            self.hold_ms, len(sessions), len(rooms), len(prune), UNSAVED_GRACE_MS,
-            PRUNE_BUDGET, *sessions, *rooms, *prune])
+            hold_ms, len(sessions), len(rooms), len(prune), UNSAVED_GRACE_MS,
+            PRUNE_BUDGET, chunk, *ordered, *rooms, *prune])
         if prune:
             self._sweep = start + int(pruned)
         # A record this worker wrote for a session it still holds live is gone: it
