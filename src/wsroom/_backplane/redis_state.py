@@ -322,7 +322,8 @@ for i = first, first + ns - 1 do
     missing[#missing + 1] = sid
   elseif i < first + nl then
     inbox(P, sid, hold)
-    redis.call('PEXPIRE', P .. ':member:' .. redis.call('HGET', k, 'm'), hold)
+    local m = redis.call('HGET', k, 'm')
+    if m then redis.call('PEXPIRE', P .. ':member:' .. m, hold) end
   end
 end
 first = first + ns
