@@ -750,3 +750,33 @@ async def test_live_sessions_inboxes_are_lengthened_a_slice_per_refresh(
         assert lengthened[-1] == len(sids)
         ttls = await key_ttls(prefix)
         assert all(ttls[f"{prefix}:member:m-{sid}"] > 5000 for sid in sids)
+
+
+async def test_when_every_worker_is_gone_only_room_metas_outlive_hold(
+        prefix: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every worker gone without a word (no detach, no end): within hold (here the
+    margin is shortened to 0.5 s, so hold is 1 s) every key of the shared state and of
+    the inboxes expires by itself; what is left is each room's meta (`meta_ttl`) and
+    its history (`max_age`)."""
+    from wsroom import PresenceOp
+    from wsroom._backplane import redis_state
+
+    monkeypatch.setattr(redis_state, "KEEP_MARGIN_MS", 500)
+    short = HistoryLimits(max_age=30)
+    async with backplanes(1, prefix=prefix) as (a,):
+        bp, me = a.backplane, a.backplane.worker
+        await bp.open("lobby", short)
+        await bp.open("@inbox/s1", short)
+        assert await a.state.save_session(record("s1"), 1)
+        await a.state.announce(PresenceOp("lobby", "attach", "ann", "s1", worker=me))
+        await bp.publish("@inbox/s1", "@inbox", msg_payload("note", 1), limits=short)
+        await bp.publish("lobby", "lobby", msg_payload("e", 1), limits=short)
+        await bp.refresh(["s1"], 1, 0.5)  # hold: max(1 s, 0.5 s + 0.5 s)
+        await a.state.announce(PresenceOp("lobby", "attach", "ann", "s1", worker=me))
+        await bp.refresh(["s1"], 1, 0.5)
+        ttls = await key_ttls(prefix)
+        assert all(ttl >= 0 for ttl in ttls.values()), ttls
+    with anyio.fail_after(5):
+        while set(await key_ttls(prefix)) != {f"{prefix}:{{lobby}}:m",
+                                              f"{prefix}:{{lobby}}:s"}:
+            await anyio.sleep(0.1)
