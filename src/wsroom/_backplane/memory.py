@@ -34,6 +34,7 @@ class MemoryBackplane(Backplane):
     def __init__(self) -> None:
         self._streams: dict[str, StreamHistory] = {}
         self._budget: HistoryBudget | None = None
+        self._sweeper: anyio.CancelScope | None = None  # the max_age timer's, once started
 
     def __len__(self) -> int:
         return len(self._streams)
@@ -56,18 +57,25 @@ class MemoryBackplane(Backplane):
         return {"history_shed_messages": self._budget.shed_messages}
 
     async def start(self, task_group: TaskGroup) -> None:
-        task_group.start_soon(self._sweep, name="wsroom history max_age")
+        self._sweeper = sweeper = anyio.CancelScope()
+        task_group.start_soon(self._sweep, sweeper, name="wsroom history max_age")
         await anyio.lowlevel.checkpoint()
 
-    async def _sweep(self) -> None:
-        while True:
-            await anyio.sleep(SWEEP_INTERVAL)
-            now = anyio.current_time()
-            if self._budget is not None:
-                self._budget.sweep(now)
-            else:
-                for history in list(self._streams.values()):
-                    history.prune(now)
+    async def aclose(self) -> None:
+        if self._sweeper is not None:  # whoever started it need not cancel its tasks
+            self._sweeper.cancel()
+        await anyio.lowlevel.checkpoint()
+
+    async def _sweep(self, sweeper: anyio.CancelScope) -> None:
+        with sweeper:
+            while True:
+                await anyio.sleep(SWEEP_INTERVAL)
+                now = anyio.current_time()
+                if self._budget is not None:
+                    self._budget.sweep(now)
+                else:
+                    for history in list(self._streams.values()):
+                        history.prune(now)
 
     async def open(self, stream: str, limits: HistoryLimits) -> tuple[str, int]:
         history = self._streams.get(stream)
