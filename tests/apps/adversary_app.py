@@ -19,19 +19,18 @@ is ``"player:<name>"`` or ``"player:<name>:<password>"`` authenticates as member
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 import anyio
+from lobby import lobby_hub
 from pydantic import BaseModel
 from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
 
-from wsroom import Connection, Handshake, Hub, HubConfig, Identity, MessageContext
+from wsroom import Handshake, Identity, MessageContext
 
 logging.basicConfig(level=os.environ.get("WSROOM_TEST_LOG_LEVEL", "INFO"),
                     format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -46,19 +45,7 @@ async def authenticate(handshake: Handshake) -> Identity | None:
     return None
 
 
-hub = Hub(HubConfig(**json.loads(os.environ.get("WSROOM_TEST_CONFIG", "{}"))),
-          authenticate=authenticate)
-
-
-@hub.on_connect
-async def join(conn: Connection) -> None:
-    await conn.join("lobby")
-
-
-@hub.on("chat")
-async def chat(ctx: MessageContext, data: Any) -> bool:
-    await ctx.publish("lobby", "chat", data)
-    return True
+hub = lobby_hub(authenticate=authenticate)
 
 
 class Ticks(BaseModel):

@@ -20,19 +20,16 @@ Configured through WSROOM_TEST_CONFIG (JSON of HubConfig fields, plus
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-from typing import Any
 
+from lobby import config_from_env, lobby_hub
 from pydantic import BaseModel
 from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
 
 from wsroom import (
-    Connection,
     Handshake,
     HistoryLimits,
-    Hub,
     HubConfig,
     Identity,
     MemoryBackplane,
@@ -40,7 +37,7 @@ from wsroom import (
     RoomConfig,
 )
 
-settings = json.loads(os.environ.get("WSROOM_TEST_CONFIG", "{}"))
+settings = config_from_env()
 room_history = settings.pop("room_history", None)
 if room_history is not None:
     settings["default_room"] = RoomConfig(history=HistoryLimits(**room_history))
@@ -53,19 +50,8 @@ async def authenticate(handshake: Handshake) -> Identity | None:
     return None
 
 
-hub = Hub(HubConfig(**settings),
-          authenticate=None if os.environ.get("WSROOM_TEST_ANONYMOUS") else authenticate)
-
-
-@hub.on_connect
-async def join(conn: Connection) -> None:
-    await conn.join("lobby")
-
-
-@hub.on("chat")
-async def chat(ctx: MessageContext, data: Any) -> bool:
-    await ctx.publish("lobby", "chat", data)
-    return True
+hub = lobby_hub(HubConfig(**settings), authenticate=None
+                if os.environ.get("WSROOM_TEST_ANONYMOUS") else authenticate)
 
 
 class Whisper(BaseModel):

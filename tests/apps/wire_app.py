@@ -12,16 +12,15 @@ Configured through WSROOM_TEST_CONFIG (JSON of HubConfig fields). Anyone may con
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-from typing import Any
 
+from lobby import lobby_hub
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.applications import Starlette
 from starlette.routing import Route, WebSocketRoute
 
-from wsroom import Connection, Handshake, Hub, HubConfig, Identity, MessageContext
+from wsroom import Handshake, Identity, MessageContext
 from wsroom.metrics import metrics_app
 
 logging.basicConfig(level=os.environ.get("WSROOM_TEST_LOG_LEVEL", "WARNING"),
@@ -32,19 +31,7 @@ async def authenticate(handshake: Handshake) -> Identity | None:
     return Identity(id="anon-" + os.urandom(6).hex())
 
 
-hub = Hub(HubConfig(**json.loads(os.environ.get("WSROOM_TEST_CONFIG", "{}"))),
-          authenticate=authenticate)
-
-
-@hub.on_connect
-async def join(conn: Connection) -> None:
-    await conn.join("lobby")
-
-
-@hub.on("chat")
-async def chat(ctx: MessageContext, data: Any) -> bool:
-    await ctx.publish("lobby", "chat", data)
-    return True
+hub = lobby_hub(authenticate=authenticate)
 
 
 class Order(BaseModel):

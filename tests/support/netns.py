@@ -302,18 +302,28 @@ async def server(net: Lab, config: dict[str, Any]) -> AsyncIterator[Server]:
     net.require()
     env = {**os.environ, "WSROOM_TEST_CONFIG": json.dumps(config),
            "PYTHONWARNINGS": "default::ResourceWarning"}
-    fd, log_name = tempfile.mkstemp(prefix="wsroom-faults-", suffix=".log")
-    command = ["ip", "netns", "exec", net.ns, sys.executable, "-m", "uvicorn", "fault_app:app",
+    command = [sys.executable, "-m", "uvicorn", "fault_app:app",
                "--app-dir", str(Path(__file__).parents[1] / "apps"), "--host", "0.0.0.0",
                "--port", str(PORT), "--ws", "websockets-sansio", "--log-level", "info",
                "--timeout-graceful-shutdown", "5", "--ws-ping-interval", "0"]
+    # "Uvicorn running on": bound after the startup.
+    async with _in_namespace(net, command, env, "Uvicorn running on", "faults") as srv:
+        yield srv
+
+
+@asynccontextmanager
+async def _in_namespace(net: Lab, command: list[str], env: dict[str, str], ready: str,
+                        name: str) -> AsyncIterator[Server]:
+    """Run `command` in the lab's namespace until its log says `ready`; kill it on exit.
+    ``ip netns exec`` execs it: ``Server.process.pid`` is the command's own pid."""
+    fd, log_name = tempfile.mkstemp(prefix=f"wsroom-{name}-", suffix=".log")
     with os.fdopen(fd, "wb") as log_file:
-        process = await anyio.open_process(command, env=env, stdout=log_file,
-                                           stderr=subprocess.STDOUT)
+        process = await anyio.open_process(["ip", "netns", "exec", net.ns, *command],
+                                           env=env, stdout=log_file, stderr=subprocess.STDOUT)
     srv = Server(net, process, Path(log_name))
     try:
         with anyio.fail_after(30):
-            while "Uvicorn running on" not in srv.log():  # bound after the startup
+            while ready not in srv.log():
                 if process.returncode is not None:
                     raise RuntimeError(f"server exited early:\n{srv.log()}")
                 await anyio.sleep(0.05)
@@ -380,37 +390,14 @@ async def kernel_server(net: Lab, config: dict[str, Any], *, via: str,
         ready = "Running on"
     else:
         raise ValueError(via)
-    fd, log_name = tempfile.mkstemp(prefix=f"wsroom-kernel-{via}-", suffix=".log")
-    with os.fdopen(fd, "wb") as log_file:
-        process = await anyio.open_process(["ip", "netns", "exec", net.ns, *command],
-                                           env=env, stdout=log_file, stderr=subprocess.STDOUT)
-    srv = Server(net, process, Path(log_name))
-    try:
-        with anyio.fail_after(30):
-            while ready not in srv.log():
-                if process.returncode is not None:
-                    raise RuntimeError(f"server exited early:\n{srv.log()}")
-                await anyio.sleep(0.05)
+    async with _in_namespace(net, command, env, ready, f"kernel-{via}") as srv:
         yield srv
-    except BaseException:
-        print(f"---- server log ({log_name}), last 60 lines ----\n{srv.log_tail(60)}")
-        raise
-    finally:
-        if process.returncode is None:
-            process.kill()
-        with anyio.move_on_after(10, shield=True):
-            await process.wait()
-        await process.aclose()
-        srv.final_log = srv.log()
-        os.unlink(log_name)
 
 
 def server_fds(srv: Server) -> int:
     """The server process's file descriptors of sockets, counted from outside
-    (/proc/<pid>/fd). Only sockets: tests/apps/fault_app.py's TCP_INFO probe leaks a
-    duplicate of each non-socket fd (stdio, the epoll) at every close it sees
-    (``socket.fromfd`` dups before it fails with ENOTSOCK), which is the test app's
-    doing, not the server's."""
+    (/proc/<pid>/fd). Only sockets: what connections hold (the log, pipes and the
+    epoll are not under test)."""
     fds = Path(f"/proc/{srv.process.pid}/fd")
     count = 0
     for fd in fds.iterdir():

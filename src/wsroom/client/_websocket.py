@@ -116,6 +116,7 @@ class WebSocket:
         self._events.extend(self._ws.events())
         if data is None and not self._events and self._closed is None:
             self._closed = _Closed(1006, "connection lost")
+            await self._stream.aclose()  # nothing more will come: the socket is done
 
     async def recv(self) -> str | bytes:
         """Return the next whole message.
@@ -165,9 +166,22 @@ class WebSocket:
         """Send a text (str) or binary (bytes) message."""
         if self._closed is not None:
             raise ConnectionClosed(self._closed.code, self._closed.reason)
-        event = TextMessage(data=message) if isinstance(message, str) else BytesMessage(
-            data=message
-        )
+        await self._send(TextMessage(data=message) if isinstance(message, str)
+                         else BytesMessage(data=message))
+
+    async def send_fragments(self, fragments: Sequence[str]) -> None:
+        """Send one text message split into several WebSocket frames.
+
+        Raises:
+            ConnectionClosed: as `send`.
+        """
+        if self._closed is not None:
+            raise ConnectionClosed(self._closed.code, self._closed.reason)
+        for index, fragment in enumerate(fragments):
+            last = index == len(fragments) - 1
+            await self._send(TextMessage(data=fragment, message_finished=last))
+
+    async def _send(self, event: TextMessage | BytesMessage) -> None:
         try:
             data = self._ws.send(event)
         except LocalProtocolError as exc:
@@ -180,27 +194,6 @@ class WebSocket:
             self._closed = _Closed(1006, "connection lost")
             await self._stream.aclose()
             raise ConnectionClosed(1006, "connection lost") from exc
-
-    async def send_fragments(self, fragments: Sequence[str]) -> None:
-        """Send one text message split into several WebSocket frames.
-
-        Raises:
-            ConnectionClosed: as `send`.
-        """
-        if self._closed is not None:
-            raise ConnectionClosed(self._closed.code, self._closed.reason)
-        for index, fragment in enumerate(fragments):
-            last = index == len(fragments) - 1
-            try:
-                data = self._ws.send(TextMessage(data=fragment, message_finished=last))
-            except LocalProtocolError as exc:
-                raise ConnectionClosed(1006, "the connection is closing") from exc
-            try:
-                await self._write(data)
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
-                self._closed = _Closed(1006, "connection lost")
-                await self._stream.aclose()
-                raise ConnectionClosed(1006, "connection lost") from exc
 
     async def send_close(self, code: int = 1000, reason: str = "") -> None:
         """Send a close frame without reading; the task that reads sees the answer."""
