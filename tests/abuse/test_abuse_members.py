@@ -47,6 +47,10 @@ async def server(config: dict[str, Any], *, anonymous: bool = False
 
 
 def address(n: int) -> list[tuple[str, str]]:
+    """Client `n`'s address: 198.51.100.x for n < 1000 (one IPv4 /24), and beyond,
+    an IPv6 /64 of its own inside one /48 (an attacker's cheap supply of addresses)."""
+    if n >= 1000:
+        return [("X-Forwarded-For", f"2001:db8:7:{n:x}::1")]
     return [("X-Forwarded-For", f"198.51.100.{n % 250 + 1}")]
 
 
@@ -132,14 +136,15 @@ async def test_one_credential_many_sessions_and_whispers_to_all_of_them() -> Non
     assert after["history_bytes"] <= (cap + 1) * inbox + DEFAULTS.default_room.history.max_bytes
 
 
-@pytest.mark.parametrize("credentials", ["one", "many"])
+@pytest.mark.parametrize("credentials", ["one", "many", "many-networks"])
 async def test_a_flood_of_detached_sessions_cannot_evict_a_victims_session(
         credentials: str) -> None:
     """Row 2: a victim drops, then 30 addresses open and drop 1,000 sessions (one
-    credential, or a new credential each), past `max_detached_sessions`. Before: the
-    global "evict the oldest" took the victim's session (a new session, no replay).
-    Now the cap evicts from the largest holder (member or address): the victim resumes
-    and recovers everything."""
+    credential, or a new credential each), past `max_detached_sessions`; or 1,000
+    credentials with an address each (IPv6 /64s of one /48: "many-networks"). Before:
+    the global "evict the oldest" took the victim's session (a new session, no replay).
+    Now the cap evicts from the largest holder (member or address, then network): the
+    victim resumes and recovers everything."""
     cap = 200
     async with server({"max_detached_sessions": cap}) as process:
         url = process.url
@@ -150,11 +155,12 @@ async def test_a_flood_of_detached_sessions_cannot_evict_a_victims_session(
         async with player(url, "player:gm", 200) as gm:
             for i in range(5):
                 await gm.request("chat", f"while away {i}", ref=f"c{i}")
-        auth = "player:mallory" if credentials == "one" else None
-        if auth is None:
+        if credentials == "one":
+            await sessions_and_drop(url, "player:mallory", 1000, addresses=30)
+        elif credentials == "many":
             await sessions_and_drop_many(url, 1000, addresses=30)
         else:
-            await sessions_and_drop(url, auth, 1000, addresses=30)
+            await sessions_and_drop_many(url, 1000, addresses=None)
         mid = await stats(url)
         positions = {name: {"epoch": s["epoch"], "offset": s["offset"]}
                      for name, s in welcome["streams"].items()}
@@ -163,8 +169,9 @@ async def test_a_flood_of_detached_sessions_cannot_evict_a_victims_session(
             again = back.welcome
             assert again is not None
             chats = [m for m in await back.collect(5) if m["event"] == "chat"]
-    ABUSE.record(f"victim drops; 1,000 sessions from 30 addresses ({credentials} "
-                 "credential(s))",
+    where = {"one": "30 addresses, one credential", "many": "30 addresses, a credential "
+             "each", "many-networks": "1,000 IPv6 /64s of one /48, a credential each"}
+    ABUSE.record(f"victim drops; 1,000 sessions from {where[credentials]}",
                  f"detached <= max_detached_sessions={cap}; victim resumes, recovered",
                  f"detached {mid['detached_sessions']}; victim same session: "
                  f"{again['session'] == welcome['session']}, recovered: "
@@ -176,12 +183,15 @@ async def test_a_flood_of_detached_sessions_cannot_evict_a_victims_session(
     assert [m["data"] for m in chats] == [f"while away {i}" for i in range(5)]
 
 
-async def sessions_and_drop_many(url: str, count: int, *, addresses: int) -> None:
+async def sessions_and_drop_many(url: str, count: int, *, addresses: int | None) -> None:
+    """`count` credentials say hello once each and vanish, from `addresses` addresses
+    (None: an address each, see `address`)."""
     numbers = iter(range(count))
 
     async def worker() -> None:
         for n in numbers:
-            async with player(url, f"player:bot{n}", n % addresses) as p:
+            where = 1000 + n if addresses is None else n % addresses
+            async with player(url, f"player:bot{n}", where) as p:
                 await p.ws.drop()
 
     async with anyio.create_task_group() as tg:

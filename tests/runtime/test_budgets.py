@@ -172,3 +172,14 @@ async def test_an_ended_anonymous_session_does_not_lend_its_member_id() -> None:
         _, fresh = await c.open(resume=resumed["resume"])
         assert fresh["session"] != welcome["session"]
         assert members[2] != members[0]
+
+
+async def test_expired_sessions_are_counted() -> None:
+    """A session whose resume window passes is counted as ``expired`` (it was removed
+    before it was ended, and the count used to be skipped)."""
+    hub = Hub(HubConfig(resume_window=0.2, connect_rate_per_ip=None), authenticate=by_auth)
+    async with clients(hub) as c:
+        transport, _ = await c.open("m")
+        await c.lose(transport)
+        await wait_for(lambda: hub.stats().sessions == 0)
+        assert hub.telemetry.metrics.sessions_ended["expired"] == 1

@@ -240,3 +240,32 @@ def test_quiet_members_are_forgotten_when_the_table_grows() -> None:
     for i in range(5000):
         rates.allow(f"m{i}", float(i))  # each one is quiet a second later
     assert len(rates) <= 1024
+
+
+def test_many_identities_on_one_network_go_before_a_lone_victim() -> None:
+    """The red team's case: one detached session per member and per address, many
+    addresses of one network. Nobody holds more than one session as a member or an
+    address, so the cap turns to networks: the crowd's network pays, not the victim
+    that dropped first on another network."""
+    registry: Registry = SessionRegistry(120.0)
+    victim = registry.create("victim", "victim", "c")
+    registry.detach(victim, 0.0, "192.0.2.7", "192.0.2.0/24")
+    for i in range(60):
+        session = registry.create(f"bot{i}", "x", f"c{i}")
+        registry.detach(session, 1.0 + i, f"198.51.100.{i}", "198.51.100.0/24")
+    ended = []
+    while (session := registry.cap_victim(40)) is not None:
+        ended.append(session.member)
+        registry.remove(session)
+    assert ended == [f"bot{i}" for i in range(21)]
+    assert registry.get(victim.id) is victim
+    assert registry.detached_of(("network", "198.51.100.0/24")) == 39
+
+
+def test_network_keys() -> None:
+    from wsroom._core.admission import network_key
+
+    assert network_key("198.51.100.77") == "198.51.100.0/24"
+    assert network_key("2001:db8:1:2::5") == "2001:db8:1::/48"
+    assert network_key("::ffff:198.51.100.77") == "198.51.100.0/24"
+    assert network_key("unknown") is None

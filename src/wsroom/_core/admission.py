@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 
-__all__ = ["Admission", "Decision", "Refusal", "TrustedProxies", "client_key"]
+__all__ = ["Admission", "Decision", "Refusal", "TrustedProxies", "client_key", "network_key"]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -57,6 +57,16 @@ def client_key(address: str) -> str:
     if isinstance(parsed, ipaddress.IPv6Address):
         return str(ipaddress.IPv6Network((parsed, 64), strict=False))
     return _same_or(address, parsed)
+
+
+def network_key(address: str) -> str | None:
+    """The network `address` belongs to, as the detached-session cap tells holders
+    apart: its IPv4 /24 or its IPv6 /48 (None for anything that is not an address)."""
+    parsed = _parse_ip(address)
+    if parsed is None:
+        return None
+    prefix = 48 if isinstance(parsed, ipaddress.IPv6Address) else 24
+    return str(ipaddress.ip_network((parsed, prefix), strict=False))
 
 
 def _same_or(text: str, address: IPAddress) -> str:

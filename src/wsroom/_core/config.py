@@ -125,8 +125,9 @@ class HubConfig:
         max_detached_sessions: sessions kept waiting for a resume at once, or None.
             Beyond it a session ends early (its client gets a new session and
             snapshots when it comes back): the one detached longest ago of whoever
-            holds the most detached sessions, a member or a client address, so that
-            nobody can push out the sessions of others.
+            holds the most detached sessions, a member or a client address (then a
+            network: an IPv4 /24, an IPv6 /48), so that one member, address or network
+            cannot push out the sessions of others.
         max_detached_per_ip: sessions one client address (as for
             `max_connections_per_ip`) may keep waiting for a resume at once, or None;
             beyond it that address's session detached longest ago ends early.

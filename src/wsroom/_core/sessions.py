@@ -57,7 +57,7 @@ class Session(Generic[IdentityT, ConnT]):
     """
 
     __slots__ = ("_accepted", "address", "connection", "detached_at", "generation", "id",
-                 "identity", "member", "welcomed")
+                 "identity", "member", "network", "welcomed")
 
     def __init__(self, session_id: str, member: str, identity: IdentityT) -> None:
         self.id = session_id
@@ -67,6 +67,8 @@ class Session(Generic[IdentityT, ConnT]):
         self.detached_at: float | None = None
         self.address: str | None = None
         """The client address (its per-address key) it was detached from, if known."""
+        self.network: str | None = None
+        """That address's network (IPv4 /24, IPv6 /48), if known."""
         self.generation = 0
         self.welcomed = False
         """True once a welcome was issued for it (before that there is nothing to
@@ -115,8 +117,8 @@ class Session(Generic[IdentityT, ConnT]):
 
 
 Holder = tuple[str, str]
-"""Who holds a detached session, for the quotas: ``("member", id)`` or
-``("address", key)``."""
+"""Who holds a detached session, for the quotas: ``("member", id)``, ``("address",
+key)`` or ``("network", key)``."""
 
 
 class SessionRegistry(Generic[IdentityT, ConnT]):
@@ -128,13 +130,16 @@ class SessionRegistry(Generic[IdentityT, ConnT]):
     (`member_victim`), which of an address's detached sessions is over its quota
     (`address_victim`), and which detached session goes when there are too many
     (`cap_victim`: the oldest of the *largest holder*, so that one member or one
-    address cannot push anybody else's session out).
+    address cannot push anybody else's session out; when every member and address holds
+    one, the largest network's oldest, so that many identities on one network cannot
+    either).
 
     Args:
         window: seconds a detached session is kept for a resume.
     """
 
-    __slots__ = ("_by_holder", "_by_member", "_detached", "_holders", "_sessions", "window")
+    __slots__ = ("_by_holder", "_by_member", "_detached", "_holders", "_networks",
+                 "_sessions", "window")
 
     def __init__(self, window: float) -> None:
         if not window > 0:
@@ -147,7 +152,8 @@ class SessionRegistry(Generic[IdentityT, ConnT]):
         self._detached: dict[str, Session[IdentityT, ConnT]] = {}
         # The detached sessions of each holder, in detach order, and how many.
         self._by_holder: dict[Holder, dict[str, Session[IdentityT, ConnT]]] = {}
-        self._holders: Tally[Holder] = Tally()
+        self._holders: Tally[Holder] = Tally()  # members and addresses
+        self._networks: Tally[Holder] = Tally()
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -198,11 +204,12 @@ class SessionRegistry(Generic[IdentityT, ConnT]):
         return previous
 
     def detach(self, session: Session[IdentityT, ConnT], now: float,
-               address: str | None = None) -> None:
+               address: str | None = None, network: str | None = None) -> None:
         """The session's connection dropped; keep it for the window from `now`.
 
         Args:
             address: the client's per-address key (None: unknown, no address quota).
+            network: the network of that address (None: unknown).
         """
         if session.id not in self._sessions:
             return  # ended already: nothing to keep
@@ -210,16 +217,22 @@ class SessionRegistry(Generic[IdentityT, ConnT]):
         session.connection = None
         session.detached_at = now
         session.address = address
+        session.network = network
         self._detached[session.id] = session
         for holder in self._holders_of(session):
             self._by_holder.setdefault(holder, {})[session.id] = session
-            self._holders.add(holder)
+            self._tally(holder).add(holder)
 
     def _holders_of(self, session: Session[IdentityT, ConnT]) -> list[Holder]:
         holders = [("member", session.member)]
         if session.address is not None:
             holders.append(("address", session.address))
+        if session.network is not None:
+            holders.append(("network", session.network))
         return holders
+
+    def _tally(self, holder: Holder) -> Tally[Holder]:
+        return self._networks if holder[0] == "network" else self._holders
 
     def _undetach(self, session: Session[IdentityT, ConnT]) -> None:
         if self._detached.pop(session.id, None) is None:
@@ -229,11 +242,11 @@ class SessionRegistry(Generic[IdentityT, ConnT]):
             del mine[session.id]
             if not mine:
                 del self._by_holder[holder]
-            self._holders.discard(holder)
+            self._tally(holder).discard(holder)
 
     def detached_of(self, holder: Holder) -> int:
         """How many detached sessions `holder` holds."""
-        return self._holders[holder]
+        return self._tally(holder)[holder]
 
     def member_victim(self, member: str, limit: int | None
                       ) -> Session[IdentityT, ConnT] | None:
@@ -261,13 +274,15 @@ class SessionRegistry(Generic[IdentityT, ConnT]):
 
     def cap_victim(self, cap: int | None) -> Session[IdentityT, ConnT] | None:
         """The detached session to end while more than `cap` are detached: the oldest
-        of whoever holds the most (a member or an address), or the oldest of all when
-        nobody holds more than one."""
+        of whoever holds the most (a member or an address); when each holds one, the
+        oldest of the network holding the most; the oldest of all when no network
+        holds more than one either."""
         if cap is None or len(self._detached) <= cap:
             return None
-        largest = self._holders.largest()
-        if largest is not None and largest[1] > 1:
-            return next(iter(self._by_holder[largest[0]].values()))
+        for tally in (self._holders, self._networks):
+            largest = tally.largest()
+            if largest is not None and largest[1] > 1:
+                return next(iter(self._by_holder[largest[0]].values()))
         return self.oldest_detached()
 
     def remove(self, session: Session[IdentityT, ConnT]) -> bool:

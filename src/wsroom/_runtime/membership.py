@@ -38,7 +38,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from wsroom._backplane.base import Backplane, Envelope, SharedState, StaleSession
-from wsroom._core.admission import client_key
+from wsroom._core.admission import client_key, network_key
 from wsroom._core.config import HubConfig, RoomConfig
 from wsroom._core.identity import Identity
 from wsroom._core.protocol import left_frame
@@ -350,9 +350,10 @@ class Membership:
                 or self.sessions.get(session.id) is not session):
             return  # no session yet, a newer connection took it over, or it ended
         if resumable and session.welcomed:
-            address = client_key(peer.client_address)
+            address = peer.client_address
+            key = client_key(address)
             self.sessions.detach(session, anyio.current_time(),
-                                 None if address == "unknown" else address)
+                                 None if key == "unknown" else key, network_key(address))
             if self.outbox is not None:
                 self.outbox.session_detached(session)
             for room in sorted(self.rooms.rooms_of(session)):
@@ -470,8 +471,10 @@ class Membership:
             deadline = sessions.next_expiry()
             with anyio.CancelScope(deadline=math.inf if deadline is None else deadline):
                 await wakeup.wait()
-            ended = [(session, self.end(session, "expired"))
-                     for session in sessions.expire(anyio.current_time())]
+            ended = []
+            for session in sessions.expire(anyio.current_time()):  # removed already
+                self._telemetry.metrics.sessions_ended["expired"] += 1
+                ended.append((session, self.end(session, "expired")))
             for session, rooms in ended:
                 log.info("session=%s member=%s: resume window expired", session.id,
                          session.member)
