@@ -475,3 +475,34 @@ async def test_a_live_session_whose_record_expired_is_saved_again_and_never_leav
         await anyio.sleep(6)  # a sweep of B's rooms (every 5 refreshes) went by
         assert bob.roster() == {"ann": "online", "bob": "online"}
         assert bob.left() == []
+
+
+@pytest.mark.anyio
+async def test_sessions_taken_over_from_another_worker_count_toward_the_members_cap(
+        prefix: str) -> None:
+    """One member opens sessions on A, drops them and resumes each on B: B adopts them,
+    and each adoption beyond `max_sessions_per_member` ends the member's oldest session
+    on B (a red team's finding: adoptions did not count, and B held any number)."""
+    a, b = make_hub(prefix, max_sessions_per_member=2), make_hub(prefix,
+                                                                max_sessions_per_member=2)
+    try:
+        async with a.run(), b.run(), anyio.create_task_group() as tg:
+            for _ in range(3):
+                clients = [Client("mallory") for _ in range(2)]
+                for client in clients:
+                    await client.connect(a, tg)
+                resumes = [client.resume() for client in clients]
+                for client in clients:
+                    assert client.peer is not None
+                    await client.peer.transport.client_disconnect(1006)
+                await wait_for(lambda: a.stats().connections == 0)
+                for resume in resumes:
+                    await Client("mallory").connect(b, tg, resume=resume)
+                await wait_for(lambda: a.stats().sessions == 0)  # all moved to B
+                assert b.stats().sessions <= 2
+            assert b.telemetry.metrics.sessions_ended["member_limit"] == 4
+            tg.cancel_scope.cancel()
+    finally:
+        for transport in TRANSPORTS:
+            transport.close_streams()
+        TRANSPORTS.clear()

@@ -191,7 +191,9 @@ class Membership:
         if self.sessions.get(record.id) is not None:
             return "here"
         # Claimed: from now on this worker holds it, even if the client has just left
-        # (the release then detaches it, for a resume anywhere).
+        # (the release then detaches it, for a resume anywhere). It counts toward the
+        # member's sessions here like a new one.
+        self._make_room_for(identity.id)
         session = self.sessions.create(identity.id, identity, peer, session_id=record.id)
         peer.attach(session)
         session.restore(max(record.generation, claims.generation),
