@@ -183,3 +183,37 @@ async def test_expired_sessions_are_counted() -> None:
         await c.lose(transport)
         await wait_for(lambda: hub.stats().sessions == 0)
         assert hub.telemetry.metrics.sessions_ended["expired"] == 1
+
+
+async def test_a_client_waiting_for_a_slow_handler_is_not_idle() -> None:
+    """`idle_timeout` counts from the last message received *or handled*: four
+    requests queued behind a handler of 0.4 s each take 1.6 s, longer than the idle
+    timeout of 1 s, and every one of them is answered (a red team saw 3511 with 10 of
+    12 requests unhandled)."""
+    hub = Hub(HubConfig(idle_timeout=1.0, connect_rate_per_ip=None), authenticate=by_auth)
+
+    @hub.on("slow")
+    async def slow(ctx: MessageContext, data: Any) -> int:
+        await anyio.sleep(0.4)
+        return int(data)
+
+    async with clients(hub) as c:
+        transport, _ = await c.open("m")
+        for n in range(4):
+            await transport.client_send({"type": "msg", "event": "slow", "data": n,
+                                         "ref": str(n)})
+        replies: list[dict[str, Any]] = []
+
+        async def answered() -> None:
+            while len(replies) < 4:
+                replies.extend(f for f in await transport.client_frames()
+                               if f["type"] == "reply")
+                await anyio.sleep(0.01)
+
+        with anyio.fail_after(5):
+            await answered()
+        assert [f["data"] for f in replies] == [0, 1, 2, 3]
+        assert transport.close_code is None
+        # Then nothing more: idle, closed 3511 about a second after the last reply.
+        await wait_for(lambda: transport.close_code is not None, timeout=5)
+        assert transport.close_code == 3511

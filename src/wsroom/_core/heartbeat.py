@@ -90,6 +90,12 @@ class Heartbeat:
         if self.idle_timeout is not None:
             self._idle_deadline = now + self.idle_timeout
 
+    def message_handled(self, now: float) -> None:
+        """One of the client's messages was handled: the idle deadline restarts (a
+        client whose requests wait behind a slow handler is waiting, not idle)."""
+        if self.idle_timeout is not None:
+            self._idle_deadline = max(self._idle_deadline, now + self.idle_timeout)
+
     def pong_received(self, ping_id: int, now: float) -> float | None:
         """A ``pong`` arrived; return the RTT if it is the first answer to the latest
         ping, else None (an unsolicited pong: the runtime rate-limits those)."""

@@ -45,6 +45,8 @@ class Dispatcher:
                 if peer.sm.closing:
                     return
                 await self.dispatch(frame)
+                if peer.heartbeat is not None:
+                    peer.heartbeat.message_handled(anyio.current_time())
 
     async def dispatch(self, frame: Msg) -> None:
         peer = self._peer
