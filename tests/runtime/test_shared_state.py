@@ -109,10 +109,11 @@ class Client:
 
 
 @asynccontextmanager
-async def two_workers() -> AsyncIterator[tuple[Hub, Hub, anyio.abc.TaskGroup]]:
+async def two_workers(**config: Any) -> AsyncIterator[tuple[Hub, Hub, anyio.abc.TaskGroup]]:
+    """Two hubs sharing a Redis prefix of their own (`config`: more HubConfig fields)."""
     redis_or_skip()
     prefix = f"wsroom-test-{secrets.token_hex(4)}"
-    a, b = make_hub(prefix), make_hub(prefix)
+    a, b = make_hub(prefix, **config), make_hub(prefix, **config)
     try:
         async with AsyncExitStack() as stack:
             await stack.enter_async_context(a.run())
@@ -236,6 +237,8 @@ async def test_backplane_events_are_metrics() -> None:
     from wsroom.metrics import HubCollector
 
     async with two_workers() as (a, _, _tg):
+        # Up once its subscriber is connected (on a loaded machine, not at once).
+        await wait_for(lambda: a.backplane.healthy)
         a.backplane.stats["reconnects"] += 1  # type: ignore[attr-defined]
         families = {f.name: f for f in HubCollector(a).collect()}
         samples = {s.labels["event"]: s.value
@@ -479,30 +482,22 @@ async def test_a_live_session_whose_record_expired_is_saved_again_and_never_leav
 
 @pytest.mark.anyio
 async def test_sessions_taken_over_from_another_worker_count_toward_the_members_cap(
-        prefix: str) -> None:
+        ) -> None:
     """One member opens sessions on A, drops them and resumes each on B: B adopts them,
     and each adoption beyond `max_sessions_per_member` ends the member's oldest session
     on B (a red team's finding: adoptions did not count, and B held any number)."""
-    a, b = make_hub(prefix, max_sessions_per_member=2), make_hub(prefix,
-                                                                max_sessions_per_member=2)
-    try:
-        async with a.run(), b.run(), anyio.create_task_group() as tg:
-            for _ in range(3):
-                clients = [Client("mallory") for _ in range(2)]
-                for client in clients:
-                    await client.connect(a, tg)
-                resumes = [client.resume() for client in clients]
-                for client in clients:
-                    assert client.peer is not None
-                    await client.peer.transport.client_disconnect(1006)
-                await wait_for(lambda: a.stats().connections == 0)
-                for resume in resumes:
-                    await Client("mallory").connect(b, tg, resume=resume)
-                await wait_for(lambda: a.stats().sessions == 0)  # all moved to B
-                assert b.stats().sessions <= 2
-            assert b.telemetry.metrics.sessions_ended["member_limit"] == 4
-            tg.cancel_scope.cancel()
-    finally:
-        for transport in TRANSPORTS:
-            transport.close_streams()
-        TRANSPORTS.clear()
+    async with two_workers(max_sessions_per_member=2) as (a, b, tg):
+        for _ in range(3):
+            clients = [Client("mallory") for _ in range(2)]
+            for client in clients:
+                await client.connect(a, tg)
+            resumes = [client.resume() for client in clients]
+            for client in clients:
+                assert client.peer is not None
+                await client.peer.transport.client_disconnect(1006)
+            await wait_for(lambda: a.stats().connections == 0)
+            for resume in resumes:
+                await Client("mallory").connect(b, tg, resume=resume)
+            await wait_for(lambda: a.stats().sessions == 0)  # all moved to B
+            assert b.stats().sessions <= 2
+        assert b.telemetry.metrics.sessions_ended["member_limit"] == 4
